@@ -1,0 +1,58 @@
+"""`conv`: BaseConv, the gated short convolution of Based (in_proj -> causal depthwise conv, SiLU, * gate)."""
+import torch
+from torch import nn
+
+from seqmix.mixer import Arg, BlockContext, Mixer
+from seqmix_kernels.short_conv import short_conv_ref, short_conv_step_ref
+
+
+class BaseConv(Mixer):
+    name = "conv"
+    description = "gated short convolution (BaseConv): conv branch, SiLU, times a linear gate"
+    spec_args = (
+        Arg("kernel_size", int, 3, min=2, max=8, help="taps of the causal depthwise conv"),
+        Arg("expand", int, 2, min=1, positional=False, help="inner width = expand * d_model"),
+    )
+    state_kind = "window"
+
+    def __init__(self, ctx: BlockContext, kernel_size=3, expand=2):
+        super().__init__(ctx)
+        self.args = {"kernel_size": kernel_size, "expand": expand}
+        D = ctx.d_model
+        self.inner = expand * D
+        self.kernel_size = kernel_size
+        self.in_proj = nn.Linear(D, 2 * self.inner)  # [conv branch | gate]
+        self.conv_weight = nn.Parameter(torch.empty(self.inner, kernel_size))  # [C, K]; [:, -1] = current token
+        self.out_proj = nn.Linear(self.inner, D)
+        nn.init.normal_(self.in_proj.weight, std=ctx.init_std)
+        nn.init.zeros_(self.in_proj.bias)
+        nn.init.normal_(self.out_proj.weight, std=ctx.out_init_std)
+        nn.init.zeros_(self.out_proj.bias)
+        nn.init.kaiming_uniform_(self.conv_weight.view(self.inner, 1, kernel_size), a=5**0.5)  # nn.Conv1d's
+
+    def forward(self, x_BTD, *, state=None, return_state=False):
+        u_BTC, gate_BTC = self.in_proj(x_BTD).chunk(2, dim=-1)
+        conv_state = None if state is None else state["conv"]
+        c_BTC, new_conv = short_conv_ref(u_BTC, self.conv_weight, state_BCK=conv_state, activation="silu")
+        y_BTD = self.out_proj(c_BTC * gate_BTC)
+        if not return_state:
+            return y_BTD
+        if conv_state is not None:
+            conv_state.copy_(new_conv)
+            return y_BTD, state
+        return y_BTD, {"conv": new_conv}
+
+    def init_state(self, batch_size, *, max_seqlen, device=None, dtype=torch.float32):
+        return {"conv": torch.zeros(batch_size, self.inner, self.kernel_size, device=device, dtype=dtype)}
+
+    def step(self, x_BD, state):
+        u_BC, gate_BC = self.in_proj(x_BD).chunk(2, dim=-1)
+        c_BC = short_conv_step_ref(u_BC, state["conv"], self.conv_weight, activation="silu")
+        return self.out_proj(c_BC * gate_BC), state
+
+    def state_bytes(self, batch_size, seqlen, dtype=torch.float32):
+        return batch_size * self.inner * self.kernel_size * torch.empty((), dtype=dtype).element_size()
+
+    def flops_per_token(self, seqlen: int) -> int:
+        D, C = self.ctx.d_model, self.inner
+        return 2 * (D * 2 * C + C * self.kernel_size + C * D)
