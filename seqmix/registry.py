@@ -132,18 +132,18 @@ def load_registry(load_entry_points: bool = True) -> Registry:
     """Call every plugin's `seqmix_register_mixers` separately so one failure never hides the others."""
     pm = get_plugin_manager(load_entry_points)
     reg = Registry(problems=list(pm.problems))
-    for impl in reversed(pm.hook.seqmix_register_mixers.get_hookimpls()):  # registration order
+    for impl in pm.hook.seqmix_register_mixers.get_hookimpls():  # registration order: built-ins first
         plugin_name = impl.plugin_name
         dist, version = pm.dists[plugin_name]
 
         def register(cls: type, _p=plugin_name, _d=dist, _v=version) -> None:
             _check_mixer_class(cls)
-            if cls.name in reg.mixers:
+            if cls.name in reg.mixers:  # reported; the first registration stays, the plugin's others load
                 other = reg.mixers[cls.name]
-                raise ValueError(
-                    f"mixer name {cls.name!r} is registered by both {other.dist} and {_d}; "
-                    f"uninstall one of them"
-                )
+                reg.problems.append(PluginProblem(_p, _d, (
+                    f"mixer name {cls.name!r} is registered by both {other.dist} and {_d}; {_d}'s is ignored "
+                    f"(uninstall one of them)")))
+                return
             reg.mixers[cls.name] = MixerEntry(cls, _p, _d, _v)
 
         try:

@@ -1,0 +1,191 @@
+"""The `seqmix` command line: build (inspect/save a model from a spec) and plugins (list the mixers)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import click
+
+
+def _fail(message: str) -> None:
+    click.echo(message, err=True)
+    sys.exit(2)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _human_flops(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="seqmix")
+def main() -> None:
+    """Hybrid sequence models from a short spec string, e.g. seqmix build "based,swa64,mlp" --layers 36."""
+
+
+@main.command()
+@click.argument("spec")
+@click.option("--layers", type=int, default=None, help="Tile the spec to this many blocks.")
+@click.option("--d-model", type=int, default=None, help="Model width (default 1024, or the named architecture's).")
+@click.option("--heads", type=int, default=None, help="Default head count for mixers that take one.")
+@click.option("--vocab", type=int, default=None, help="Vocabulary size before padding (default 50257, GPT-2).")
+@click.option("--seq-len", type=int, default=None, help="Context length for state sizes and FLOPs (default 2048).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+@click.option("--save", "save_dir", type=click.Path(file_okay=False), default=None,
+              help="Write an initialised model (config.json + model.safetensors) to this directory.")
+@click.option("--forward", "forward_tokens", type=int, default=None, metavar="T",
+              help="Also run one forward pass of the initialised model on T random tokens (CPU, fp32).")
+def build(spec, layers, d_model, heads, vocab, seq_len, as_json, save_dir, forward_tokens) -> None:
+    """Show the block layout, parameters, state and FLOPs of SPEC (a spec string or a named architecture)."""
+    from seqmix.config import resolve_model
+    from seqmix.model import attention_kv_bytes, build_model, sequence_mixer_count
+    from seqmix.registry import UnknownMixerError, load_registry
+    from seqmix.spec import SpecError
+
+    registry = load_registry()
+    try:
+        config = resolve_model(spec, layers=layers, d_model=d_model, n_heads=heads, vocab_size=vocab,
+                               max_seqlen=seq_len, registry=registry)
+        materialise = save_dir is not None or forward_tokens is not None
+        model = build_model(config, device="cpu" if materialise else "meta", registry=registry)
+    except (SpecError, UnknownMixerError) as e:
+        _fail(str(e))
+    except ValueError as e:  # an argument the mixer rejected at construction (e.g. heads not dividing d_model)
+        _fail(f"error: {e}")
+
+    from seqmix.spec import format_spec
+
+    T = config.max_seqlen
+    rows = model.block_rows(T)
+    depth = sequence_mixer_count(model) or len(rows)
+    report = {
+        "spec": config.spec,
+        "spec_compact": format_spec(model.layer_specs, registry, compact=True),
+        "config": config.to_dict(),
+        "blocks": rows,
+        "totals": {
+            "blocks": len(rows),
+            "params": model.num_params(),
+            "state_bytes": sum(r["state_bytes"] for r in rows),
+            "flops_per_token": model.flops_per_token(T),
+        },
+        "attention_kv_cache_bytes": attention_kv_bytes(config, depth, T),
+        "attention_depth": depth,
+        "seq_len": T,
+        "state_dtype": "bfloat16",
+    }
+    if forward_tokens is not None:
+        report["forward"] = _forward_smoke(model, forward_tokens)
+    if save_dir is not None:
+        from seqmix.checkpoint import save_pretrained
+
+        report["saved"] = str(save_pretrained(model, save_dir))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_build(report)
+
+
+def _forward_smoke(model, T: int) -> dict:
+    import torch
+
+    if T <= 0:
+        _fail(f"--forward needs a positive token count, got {T}")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.config.vocab_size, (1, T + 1), generator=g)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:]).item()
+    dt = time.perf_counter() - t0
+    if loss != loss:
+        _fail("forward pass produced NaN loss")
+    import math
+
+    return {"tokens": T, "loss": loss, "uniform_loss": math.log(model.config.vocab_size), "seconds": dt}
+
+
+def _print_build(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    cfg = r["config"]
+    table = Table(title=f"{r['spec_compact']}  (d_model={cfg['d_model']}, heads={cfg['n_heads']}, "
+                        f"vocab={cfg['vocab_size']}, seq_len={r['seq_len']})")
+    for col, just in (("#", "right"), ("mixer", "left"), ("params", "right"),
+                      (f"state/seq @{r['seq_len']}", "right"), ("FLOPs/token", "right")):
+        table.add_column(col, justify=just)
+    for b in r["blocks"]:
+        table.add_row(str(b["index"]), b["mixer"], f"{b['params']:,}",
+                      _human_bytes(b["state_bytes"]) if b["state_bytes"] else "-", _human_flops(b["flops_per_token"]))
+    t = r["totals"]
+    table.add_section()
+    table.add_row("", f"total ({t['blocks']} blocks, embedding + head incl.)", f"{t['params']:,}",
+                  _human_bytes(t["state_bytes"]), _human_flops(t["flops_per_token"]))
+    console.print(table)
+    console.print(f"parameters: {t['params']:,}")
+    console.print(f"decode state per sequence at {r['seq_len']} tokens ({r['state_dtype']} activations): "
+                  f"{_human_bytes(t['state_bytes'])}; an all-attention stack of the same width and depth "
+                  f"({r['attention_depth']} layers) holds a KV cache of {_human_bytes(r['attention_kv_cache_bytes'])}")
+    if "forward" in r:
+        f = r["forward"]
+        console.print(f"forward pass on {f['tokens']} random tokens: loss {f['loss']:.3f} "
+                      f"(uniform {f['uniform_loss']:.3f}) in {f['seconds']:.2f} s")
+    if "saved" in r:
+        console.print(f"saved the initialised model to {r['saved']}")
+
+
+@main.command(name="plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def plugins_cmd(as_json: bool) -> None:
+    """List every registered mixer: provider, version, spec args, state kind, runnable implementations."""
+    import torch
+
+    from seqmix.registry import load_registry
+
+    reg = load_registry()
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for name in reg.names():
+        e = reg.mixers[name]
+        impls = {d: e.cls.available_impls(d) for d in devices}
+        rows.append({
+            "name": name, "dist": e.dist, "version": e.version, "plugin": e.plugin,
+            "args": [{"name": a.name, "type": a.type.__name__, "default": a.default, "positional": a.positional,
+                      "choices": list(a.choices) if a.choices else None, "help": a.help} for a in e.cls.spec_args],
+            "state_kind": e.cls.state_kind, "description": e.cls.description,
+            "impls": {d: {k: ("ok" if v is None else v) for k, v in m.items()} for d, m in impls.items()},
+        })
+    problems = [{"plugin": p.plugin, "dist": p.dist, "error": p.message} for p in reg.problems]
+    if as_json:
+        click.echo(json.dumps({"mixers": rows, "problems": problems}, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="seqmix mixers")
+    for col in ("name", "provided by", "args (positional first)", "state", *[f"runs on {d}" for d in devices]):
+        table.add_column(col)
+    for r in rows:
+        args = ", ".join(("" if a["positional"] else "*") + a["name"] for a in r["args"]) or "-"
+        table.add_row(r["name"], f"{r['dist']} {r['version']}", args, r["state_kind"],
+                      *[", ".join(k for k, v in r["impls"][d].items() if v == "ok") or "-" for d in devices])
+    console = Console()
+    console.print(table)
+    console.print("* keyword-only argument (name=value)")
+    for p in problems:
+        console.print(f"[red]plugin {p['plugin']} ({p['dist']}) failed to load:[/red] {p['error']}")
+
+
+main.add_command(plugins_cmd, name="mixers")
+

@@ -1,0 +1,110 @@
+"""HybridLM: named architectures, parameter counts, block layout, hybrid conformance, save/load."""
+import pytest
+import torch
+
+from seqmix.checkpoint import from_pretrained, save_pretrained
+from seqmix.config import NAMED_ARCHS, ModelConfig, resolve_model
+from seqmix.model import build_model
+from seqmix.spec import parse_spec
+from seqmix.testing import check_model_conformance
+
+PUBLISHED_PARAMS = {"based-360m": 362_620_928, "based-1b": 1_349_453_056, "attn-360m": 359_810_048}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_published_parameter_counts(name):
+    model = build_model(resolve_model(name), device="meta")
+    assert model.num_params() == PUBLISHED_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_ARCHS))
+def test_every_named_architecture_builds_on_meta(name):
+    model = build_model(resolve_model(name), device="meta")
+    assert model.num_params() > 100_000_000
+    assert model.flops_per_token(2048) > 2 * model.num_params() * 0.5
+
+
+def test_based_360m_layout_matches_the_published_layer_positions():
+    layers = parse_spec(resolve_model("based-360m").spec)
+    mixers = [l.name for l in layers[0::2]]  # every other block is the MLP
+    assert all(l.name == "mlp" for l in layers[1::2]) and len(mixers) == 27
+    assert [i for i, m in enumerate(mixers) if m == "based"] == [1, 6, 11, 16, 21]
+    assert [i for i, m in enumerate(mixers) if m == "swa"] == [2, 7, 12, 17, 22]
+    assert mixers.count("conv") == 17
+    assert all(l.kwargs == {"window": 129} for l in layers if l.name == "swa")
+
+
+def test_based_1b_layout():
+    mixers = [l.name for l in parse_spec(resolve_model("based-1b").spec)[0::2]]
+    assert [i for i, m in enumerate(mixers) if m == "based"] == [1, 6, 11, 16, 21, 27, 33]
+    assert [i for i, m in enumerate(mixers) if m == "swa"] == [2, 7, 12, 17, 22, 28, 34]
+    assert mixers.count("conv") == 22
+
+
+def test_vocab_is_padded_and_logits_cover_only_the_real_vocab():
+    cfg = ModelConfig(spec="conv,mlp", d_model=16, n_heads=2, vocab_size=101)
+    assert cfg.padded_vocab_size == 104
+    model = build_model(cfg)
+    assert model.embed.weight.shape[0] == 104
+    assert model(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 101)
+
+
+def test_residual_stream_is_fp32_in_a_bf16_model():
+    model = build_model(ModelConfig(spec="conv,mlp", d_model=16, n_heads=2, vocab_size=64), dtype=torch.bfloat16)
+    h = model.hidden(torch.zeros(1, 3, dtype=torch.long))
+    assert h.dtype == torch.bfloat16
+    x = model.embed(torch.zeros(1, 3, dtype=torch.long)).float()
+    assert model.blocks[0](x).dtype == torch.float32
+
+
+HYBRIDS = [
+    "based,swa:7,mlp",
+    "conv,mlp,based:linear,mlp,swa:5,mlp",
+    "(conv,mlp,based,mlp)*2",
+    "attn:heads=4:kv_heads=2,mlp,mamba:d_state=8",
+    "based:quadratic:8:2,conv:4,attn,swa:16,mamba,mlp",
+]
+
+
+@pytest.mark.parametrize("spec", HYBRIDS)
+def test_hybrid_stack_conformance_fp32(spec):
+    check_model_conformance(spec, dtype=torch.float32)
+
+
+def test_hybrid_stack_conformance_bf16():
+    check_model_conformance("based,conv,attn,swa:9,mamba,mlp", dtype=torch.bfloat16)
+
+
+def test_loss_is_near_uniform_at_init_and_finite_gradients():
+    cfg = ModelConfig(spec="based,swa:8,mlp", d_model=32, n_heads=4, vocab_size=97)
+    model = build_model(cfg)
+    tokens = torch.randint(0, 97, (3, 33))
+    loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_save_and_load_roundtrip_gives_identical_logits(tmp_path):
+    cfg = resolve_model("based,swa:8,conv,attn,mamba,mlp", d_model=32, n_heads=4, vocab_size=97)
+    model = build_model(cfg)
+    tokens = torch.randint(0, 97, (2, 19))
+    out = save_pretrained(model, tmp_path / "m")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    again = from_pretrained(tmp_path / "m")
+    assert again.config == cfg
+    assert torch.equal(again(tokens), model(tokens))
+    save_pretrained(again, tmp_path / "m")  # overwriting an existing directory works and leaves no temp dirs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_load_names_missing_and_unexpected_keys(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = build_model(resolve_model("conv,mlp", d_model=16, n_heads=2, vocab_size=64))
+    d = save_pretrained(model, tmp_path / "m")
+    t = load_file(str(d / "model.safetensors"))
+    t["extra.weight"] = t.pop("blocks.0.mixer.out_proj.weight")
+    save_file(t, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing keys \['blocks.0.mixer.out_proj.weight'\].*unexpected keys \['extra.weight'\]"):
+        from_pretrained(d)
