@@ -1,0 +1,1 @@
+"""seqmix-plugin-attention: causal softmax attention (`attn`) with grouped KV heads for seqmix."""

@@ -1,0 +1,1 @@
+"""seqmix-plugin-based: Based linear attention (Taylor feature map) for seqmix."""

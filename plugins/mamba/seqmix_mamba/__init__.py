@@ -1,0 +1,1 @@
+"""seqmix-plugin-mamba: the Mamba selective state-space mixer for seqmix."""

@@ -1,0 +1,1 @@
+"""seqmix-plugin-swa: sliding-window softmax attention for seqmix."""
