@@ -85,7 +85,7 @@ class Registry:
             if p.plugin == name or name in p.message:
                 lines.append(f"Plugin {p.plugin} ({p.dist}) failed to load: {p.message}")
         lines.append("Registered mixers: " + (", ".join(self.names()) or "none"))
-        return " ".join(lines)
+        return "\n".join(lines)
 
 
 class PluginManager(pluggy.PluginManager):

@@ -211,7 +211,7 @@ class _Parser:
         if name not in self.reg:
             known = m is not None and m.group(1) in KNOWN_PLUGINS
             bad = m.group(1) if known else word
-            message, _, hint = self.reg.unknown_message(bad).partition(". ")
+            message, _, hint = self.reg.unknown_message(bad).partition("\n")
             raise self.error(message.rstrip("."), tok.pos, len(bad), hint or None)
         while self.peek().kind == ":":
             colon, val = self.take(), self.take()

@@ -1,0 +1,182 @@
+"""`attn`: causal softmax attention with RoPE and grouped KV heads, decoded from a preallocated KV cache."""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqmix.mixer import Arg, ArgError, BlockContext, Mixer, State, resolve_heads, state_nbytes
+from seqmix_kernels.rotary import rotary_ref
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("reference",)  # impl="auto" takes the first one that can run, in this order
+
+
+def _capturing() -> bool:
+    """True inside CUDA-graph capture or torch.compile tracing, where host-side checks cannot run."""
+    compiling = hasattr(torch, "compiler") and torch.compiler.is_compiling()
+    return compiling or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+class CausalAttention(Mixer):
+    """Multi-head causal softmax attention; `kv_heads < heads` shares each K/V head among heads/kv_heads
+    consecutive query heads (GQA; query head h reads kv head h // (heads/kv_heads)).
+
+    Parameters: `Wqkv` (d -> (heads + 2 kv_heads) * Dh, layout [Q | K | V]) and `out_proj` (d -> d), no
+    biases, Dh = d / heads; RoPE (rotate-half, base `rope_base`) on the first `rotary_dim` channels of q, k.
+    Decode state, preallocated for `max_seqlen` tokens:
+        {"k": [B, max_seqlen, Hkv, Dh], "v": [B, max_seqlen, Hkv, Dh], "pos": int64 [B]}
+    where token p of sequence b (keys stored after rotary) sits at row p; pos = tokens cached so far.
+    """
+
+    name = "attn"
+    description = "causal softmax attention with RoPE and grouped KV heads; KV-cache state"
+    spec_args = (
+        Arg("heads", int, None, min=1, help="query heads; default the model's n_heads"),
+        Arg("kv_heads", int, None, min=1, help="key/value heads (must divide heads); default heads"),
+        Arg("rotary_dim", int, None, min=0, positional=False,
+            help="channels per head that get RoPE (even); default the full head dim"),
+        Arg("rope_base", float, 10000.0, min=1.0, positional=False, help="RoPE frequency base"),
+        Arg("impl", str, "auto", choices=("auto",) + IMPLS, positional=False,
+            help="attention path; auto = the best one that can run, chosen once at construction"),
+    )
+    state_kind = "cache"
+
+    def __init__(self, ctx: BlockContext, heads: Optional[int] = None, kv_heads: Optional[int] = None,
+                 rotary_dim: Optional[int] = None, rope_base: float = 10000.0, impl: str = "auto"):
+        super().__init__(ctx)
+        self.args = {"heads": heads, "kv_heads": kv_heads, "rotary_dim": rotary_dim, "rope_base": rope_base,
+                     "impl": impl}
+        D = ctx.d_model
+        self.n_heads = resolve_heads(ctx, heads, D)
+        self.n_kv_heads = self.n_heads if kv_heads is None else kv_heads
+        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+            raise ArgError(f"kv_heads={self.n_kv_heads} must divide heads={self.n_heads}")
+        self.head_dim = D // self.n_heads
+        self.rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
+        if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
+            raise ArgError(f"rotary_dim must be even and in [0, head dim {self.head_dim}], got {self.rotary_dim}")
+        self.rope_base = float(rope_base)
+        self.impl = self._select_impl(impl)
+        H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        self.Wqkv = nn.Linear(D, (H + 2 * Hkv) * Dh, bias=False)  # D -> [Q (H heads) | K (Hkv) | V (Hkv)]
+        self.out_proj = nn.Linear(D, D, bias=False)
+        nn.init.normal_(self.Wqkv.weight, std=ctx.init_std)
+        nn.init.normal_(self.out_proj.weight, std=ctx.out_init_std)
+
+    @classmethod
+    def available_impls(cls, device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
+        return {"reference": None}
+
+    def _select_impl(self, impl: str) -> str:
+        avail = self.available_impls("cuda" if torch.cuda.is_available() else "cpu")
+        if impl == "auto":
+            impl = next(name for name in IMPLS if avail.get(name) is None)
+        elif impl not in avail:
+            raise ArgError(f"attn impl must be one of auto, {', '.join(avail)}; got {impl!r}")
+        elif avail[impl] is not None:
+            raise RuntimeError(f"attn impl={impl!r} cannot run here: {avail[impl]}. Use impl=auto or reference.")
+        logger.debug("attn layer %d: impl=%s", self.ctx.layer_idx, impl)
+        return impl
+
+    # -- projections and attention ----------------------------------------------------------------
+    def _qkv(self, x_BTD: torch.Tensor, pos: Union[int, torch.Tensor]):
+        """q [B, T, H, Dh], k and v [B, T, Hkv, Dh] at positions pos + t, RoPE applied to q and k."""
+        B, T, _ = x_BTD.shape
+        H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q_BTHD, k_BTKD, v_BTKD = self.Wqkv(x_BTD).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        q_BTHD = rotary_ref(q_BTHD.view(B, T, H, Dh), pos, self.rotary_dim, self.rope_base)
+        k_BTKD = rotary_ref(k_BTKD.view(B, T, Hkv, Dh), pos, self.rotary_dim, self.rope_base)
+        return q_BTHD, k_BTKD, v_BTKD.view(B, T, Hkv, Dh)
+
+    def _sdpa(self, q_BTHD, k_BSKD, v_BSKD, mask_B1TS=None) -> torch.Tensor:
+        """Softmax attention with each kv head repeated for its group; causal when no mask is given."""
+        G = self.n_heads // self.n_kv_heads
+        if G > 1:
+            k_BSKD, v_BSKD = k_BSKD.repeat_interleave(G, dim=2), v_BSKD.repeat_interleave(G, dim=2)
+        o_BHTD = F.scaled_dot_product_attention(
+            q_BTHD.transpose(1, 2), k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2),
+            attn_mask=mask_B1TS, is_causal=mask_B1TS is None,
+        )
+        return o_BHTD.transpose(1, 2)
+
+    # -- the contract -----------------------------------------------------------------------------
+    def forward(self, x_BTD, *, state: State = None, return_state: bool = False):
+        B, T, D = x_BTD.shape
+        if state is None:
+            q_BTHD, k_BTKD, v_BTKD = self._qkv(x_BTD, 0)
+            o_BTHD = self._sdpa(q_BTHD, k_BTKD, v_BTKD)
+            if return_state:  # a cache of exactly T
+                state = self.init_state(B, max_seqlen=T, device=x_BTD.device, dtype=k_BTKD.dtype)
+        else:  # attend over [the cached prefix of each sequence | this chunk], masked by absolute position
+            pos_B = state["pos"]
+            P, S = int(pos_B.max()), state["k"].shape[1]
+            if return_state and P + T > S:
+                raise RuntimeError(
+                    f"attn KV cache overflow: {P} cached + {T} new tokens = {P + T} > max_seqlen {S}; "
+                    f"allocate the state with init_state(batch, max_seqlen>={P + T})"
+                )
+            q_BTHD, k_BTKD, v_BTKD = self._qkv(x_BTD, pos_B)
+            qpos_BT = pos_B[:, None] + torch.arange(T, device=pos_B.device)
+            cpos_P = torch.arange(P, device=pos_B.device)
+            cpos_BP = torch.where(cpos_P < pos_B[:, None], cpos_P, -1)  # rows past a sequence's pos: unused
+            kpos_BS = torch.cat([cpos_BP, qpos_BT], 1)
+            mask_B1TS = ((kpos_BS[:, None, :] <= qpos_BT[:, :, None]) & (kpos_BS[:, None, :] >= 0))[:, None]
+            k_BSKD = torch.cat([state["k"][:, :P].to(k_BTKD.dtype), k_BTKD], 1)
+            v_BSKD = torch.cat([state["v"][:, :P].to(v_BTKD.dtype), v_BTKD], 1)
+            o_BTHD = self._sdpa(q_BTHD, k_BSKD, v_BSKD, mask_B1TS)
+        y_BTD = self.out_proj(o_BTHD.reshape(B, T, D))
+        if not return_state:
+            return y_BTD
+        pos_B = state["pos"]
+        row_BT = pos_B[:, None] + torch.arange(T, device=pos_B.device)
+        b_B1 = torch.arange(B, device=pos_B.device)[:, None]
+        state["k"][b_B1, row_BT] = k_BTKD.to(state["k"].dtype)
+        state["v"][b_B1, row_BT] = v_BTKD.to(state["v"].dtype)
+        pos_B.add_(T)
+        return y_BTD, state
+
+    def init_state(self, batch_size, *, max_seqlen, device=None, dtype=torch.float32):
+        shape = (batch_size, max_seqlen, self.n_kv_heads, self.head_dim)
+        return {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "v": torch.zeros(shape, device=device, dtype=dtype),
+            "pos": torch.zeros(batch_size, device=device, dtype=torch.int64),
+        }
+
+    def step(self, x_BD, state):
+        """One token per sequence: write k/v at row pos, attend over rows <= pos of the whole cache, pos += 1.
+
+        Shapes are fixed (the full cache is read, masked), so the step can be captured in a CUDA graph; the
+        overflow check is skipped while capturing or compiling.
+        """
+        B, D = x_BD.shape
+        pos_B = state["pos"]
+        S = state["k"].shape[1]
+        if not _capturing() and int(pos_B.max()) >= S:
+            raise RuntimeError(
+                f"attn KV cache overflow: a step at position {int(pos_B.max())} needs max_seqlen >= "
+                f"{int(pos_B.max()) + 1}, but the state holds {S}; allocate a larger one with init_state"
+            )
+        q_B1HD, k_B1KD, v_B1KD = self._qkv(x_BD[:, None], pos_B)
+        b_B = torch.arange(B, device=pos_B.device)
+        state["k"][b_B, pos_B] = k_B1KD[:, 0].to(state["k"].dtype)
+        state["v"][b_B, pos_B] = v_B1KD[:, 0].to(state["v"].dtype)
+        valid_B11S = (torch.arange(S, device=pos_B.device) <= pos_B[:, None])[:, None, None]
+        o_B1HD = self._sdpa(q_B1HD, state["k"].to(q_B1HD.dtype), state["v"].to(q_B1HD.dtype), valid_B11S)
+        pos_B.add_(1)
+        return self.out_proj(o_B1HD.reshape(B, D)), state
+
+    def state_bytes(self, batch_size, seqlen, dtype=torch.float32):
+        return state_nbytes(self.init_state(batch_size, max_seqlen=seqlen, device="meta", dtype=dtype))
+
+    def flops_per_token(self, seqlen: int) -> int:
+        """2 per multiply-add: Wqkv (d (H + 2 Hkv) Dh) + out_proj (d^2), then q.k and p.v over the `seqlen`
+        keys a token at the end of a `seqlen` context sees (H Dh = d each). Softmax and RoPE are not counted."""
+        D, Dh = self.ctx.d_model, self.head_dim
+        proj = D * (self.n_heads + 2 * self.n_kv_heads) * Dh + D * D
+        return 2 * proj + 2 * 2 * seqlen * D

@@ -1,0 +1,152 @@
+"""`mamba`: the Mamba-1 selective state-space mixer, with the parameter names and init of the mamba-ssm package."""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqmix.mixer import Arg, BlockContext, Mixer, State
+from seqmix_kernels.short_conv import short_conv_ref, short_conv_step_ref
+from seqmix_mamba.naive import selective_scan_chunked, selective_scan_ref, selective_state_step_ref
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("auto", "sequential", "chunked")
+
+
+class Mamba(Mixer):
+    """x -> in_proj -> [x | z]; x -> causal depthwise conv + SiLU -> selective scan; y * silu(z) -> out_proj.
+
+    Parameters (names and shapes of mamba-ssm's `Mamba`, so its checkpoints load by name), E = expand * d:
+      in_proj.weight [2E, d], conv1d.weight [E, 1, d_conv], conv1d.bias [E], x_proj.weight [R + 2N, E]
+      (rows: [dt | B | C]), dt_proj.weight [E, R], dt_proj.bias [E], A_log [E, N], D [E], out_proj.weight [d, E].
+    Decode state: {"conv": [B, E, d_conv] in the activation dtype (the last d_conv pre-conv inputs),
+                   "ssm": [B, E, N] in fp32 (the scan state; the scan always runs in fp32)}.
+    """
+
+    name = "mamba"
+    description = "Mamba-1 selective state-space model (selective scan, short conv, SiLU gate)"
+    spec_args = (
+        Arg("d_state", int, 16, min=1, help="SSM state size N per channel"),
+        Arg("expand", int, 2, min=1, help="inner width E = expand * d_model"),
+        Arg("d_conv", int, 4, min=2, max=8, positional=False, help="taps of the causal depthwise conv"),
+        Arg("dt_rank", int, None, min=1, positional=False, help="rank of the dt projection; default ceil(d/16)"),
+        Arg("impl", str, "auto", choices=IMPLS, positional=False,
+            help="scan: sequential (the definition) or chunked (masked matrix form); auto = chunked on CPU"),
+        Arg("chunk_size", int, 64, min=1, positional=False, help="chunk length of impl=chunked"),
+    )
+    state_kind = "recurrent"
+
+    def __init__(self, ctx: BlockContext, d_state=16, expand=2, d_conv=4, dt_rank=None, impl="auto",
+                 chunk_size=64):
+        super().__init__(ctx)
+        self.args = {"d_state": d_state, "expand": expand, "d_conv": d_conv, "dt_rank": dt_rank, "impl": impl,
+                     "chunk_size": chunk_size}
+        for arg in self.spec_args:  # direct construction gets the same validation as a spec string
+            if self.args[arg.name] is not None:
+                arg.convert(self.args[arg.name])
+        D = ctx.d_model
+        self.d_inner = E = expand * D
+        self.d_state = N = d_state
+        self.d_conv = d_conv
+        self.dt_rank = R = math.ceil(D / 16) if dt_rank is None else dt_rank
+        self.chunk_size = chunk_size
+        self.impl = "chunked" if impl == "auto" else impl
+        logger.debug("mamba layer %d: scan impl=%s (asked %s)", ctx.layer_idx, self.impl, impl)
+
+        self.in_proj = nn.Linear(D, 2 * E, bias=False)  # D -> [x | z]
+        self.conv1d = nn.Conv1d(E, E, d_conv, groups=E, bias=True, padding=d_conv - 1)  # weights only; see forward
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)  # E -> [dt_low | B | C]
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))  # [E, N]
+        self.D = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, D, bias=False)
+        self.A_log._no_weight_decay = True  # mamba-ssm's markers, read by optimizer-group builders
+        self.D._no_weight_decay = True
+        self._init_dt_proj()
+        nn.init.normal_(self.out_proj.weight, std=ctx.out_init_std)
+        # in_proj, x_proj and conv1d keep PyTorch's default init, as in mamba-ssm.
+
+    @torch.no_grad()
+    def _init_dt_proj(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
+        """mamba-ssm's dt init: weight U(+-R^-0.5); bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]."""
+        bound = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        log_dt = torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = torch.exp(log_dt).clamp(min=dt_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.dt_proj.bias._no_reinit = True
+
+    # -- shared pieces of forward and step ----------------------------------------------------------
+    def _conv_weight(self) -> torch.Tensor:
+        return self.conv1d.weight[:, 0]  # [E, d_conv]; [:, -1] multiplies the current token
+
+    def _ssm_inputs(self, u_XE: torch.Tensor):
+        """u [..., E] -> (dt [..., E] fp32 after softplus, B [..., N], C [..., N], A [E, N] fp32)."""
+        dt_low_XR, B_XN, C_XN = self.x_proj(u_XE).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # dt bias added in fp32 (as mamba-ssm's delta_bias), so a bf16 matmul does not round the bias away.
+        dt_XE = F.softplus(F.linear(dt_low_XR, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        A_EN = -torch.exp(self.A_log.float())
+        return dt_XE, B_XN, C_XN, A_EN
+
+    # -- the contract ---------------------------------------------------------------------------------
+    def forward(self, x_BTD: torch.Tensor, *, state: State = None, return_state: bool = False):
+        x_BTE, z_BTE = self.in_proj(x_BTD).chunk(2, dim=-1)
+        conv_BEK = None if state is None else state["conv"]
+        u_BTE, new_conv_BEK = short_conv_ref(x_BTE, self._conv_weight(), self.conv1d.bias, state_BCK=conv_BEK,
+                                             activation="silu")
+        dt_BTE, B_BTN, C_BTN, A_EN = self._ssm_inputs(u_BTE)
+        h0_BEN = None if state is None else state["ssm"]
+        if self.impl == "chunked":
+            y_BTE, ssm_BEN = selective_scan_chunked(u_BTE.float(), dt_BTE, A_EN, B_BTN, C_BTN, self.D,
+                                                    initial_state_BEN=h0_BEN, chunk_size=self.chunk_size)
+        else:
+            y_BTE, ssm_BEN = selective_scan_ref(u_BTE.float(), dt_BTE, A_EN, B_BTN, C_BTN, self.D,
+                                                initial_state_BEN=h0_BEN)
+        out_BTD = self.out_proj((y_BTE * F.silu(z_BTE.float())).to(x_BTD.dtype))
+        if not return_state:
+            return out_BTD
+        if state is not None:
+            state["conv"].copy_(new_conv_BEK)
+            state["ssm"].copy_(ssm_BEN)
+            return out_BTD, state
+        return out_BTD, {"conv": new_conv_BEK, "ssm": ssm_BEN}
+
+    def init_state(self, batch_size: int, *, max_seqlen: int, device=None, dtype: torch.dtype = torch.float32):
+        """Zeros; the conv state in `dtype` (the activation dtype), the scan state in fp32. Size ignores max_seqlen."""
+        device = self.A_log.device if device is None else device
+        return {"conv": torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype),
+                "ssm": torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)}
+
+    def step(self, x_BD: torch.Tensor, state: State):
+        """One token; updates state["conv"] and state["ssm"] in place."""
+        x_BE, z_BE = self.in_proj(x_BD).chunk(2, dim=-1)
+        u_BE = short_conv_step_ref(x_BE, state["conv"], self._conv_weight(), self.conv1d.bias, activation="silu")
+        dt_BE, B_BN, C_BN, A_EN = self._ssm_inputs(u_BE)
+        y_BE = selective_state_step_ref(state["ssm"], u_BE.float(), dt_BE, A_EN, B_BN, C_BN, self.D)
+        return self.out_proj((y_BE * F.silu(z_BE.float())).to(x_BD.dtype)), state
+
+    def state_bytes(self, batch_size: int, seqlen: int, dtype: torch.dtype = torch.float32) -> int:
+        """conv: B * E * d_conv in `dtype`; ssm: B * E * N in fp32. Independent of seqlen."""
+        conv = batch_size * self.d_inner * self.d_conv * torch.empty((), dtype=dtype).element_size()
+        return conv + batch_size * self.d_inner * self.d_state * 4
+
+    def flops_per_token(self, seqlen: int) -> int:
+        """Forward FLOPs per token (2 per multiply-add), the same at every seqlen (a recurrence).
+
+        Counted: the four matmuls (in_proj 2E*d, x_proj (R+2N)*E, dt_proj E*R, out_proj d*E), the conv
+        (d_conv taps per channel), the scan's three multiply-adds per state element (decay * h,
+        + B * (dt * u), C * h) and the per-channel dt * u, D * u and gate products. Not counted: exp,
+        softplus, SiLU, bias adds. This is the recurrence's cost; impl=chunked does O(chunk_size) more.
+        """
+        D, E, N, R = self.ctx.d_model, self.d_inner, self.d_state, self.dt_rank
+        matmuls = D * 2 * E + E * (R + 2 * N) + R * E + E * D
+        return 2 * (matmuls + E * self.d_conv + 3 * E * N) + 3 * E
+
+    @classmethod
+    def available_impls(cls, device="cpu"):
+        """Both scans are pure PyTorch and run anywhere; GPU kernels will be added beside them."""
+        return {"sequential": None, "chunked": None}

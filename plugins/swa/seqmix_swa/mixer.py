@@ -1,0 +1,175 @@
+"""`swa`: sliding-window causal softmax attention (Based's), decoded from a ring buffer of the last W keys."""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqmix.mixer import Arg, ArgError, BlockContext, Mixer, State, resolve_heads, state_nbytes
+from seqmix_kernels.rotary import rotary_ref
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("reference",)  # impl="auto" takes the first one that can run, in this order
+
+
+def ring_positions(pos_B: torch.Tensor, window: int) -> torch.Tensor:
+    """Absolute position held by each slot of a W-slot ring buffer after `pos_B` tokens: [B, W], < 0 if empty.
+
+    Token p lives in slot p % W, so slot s holds the latest p < pos with p = s (mod W).
+    """
+    s_W = torch.arange(window, device=pos_B.device)
+    last_B1 = pos_B[:, None] - 1
+    return last_B1 - torch.remainder(last_B1 - s_W, window)
+
+
+def band_mask(qpos_BT: torch.Tensor, kpos_BS: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, 1, T, S] boolean mask: True where key position is in (q - window, q] and the key exists (>= 0)."""
+    q_BT1, k_B1S = qpos_BT[:, :, None], kpos_BS[:, None, :]
+    return ((k_B1S <= q_BT1) & (k_B1S > q_BT1 - window) & (k_B1S >= 0))[:, None]
+
+
+class SlidingWindowAttention(Mixer):
+    """Multi-head softmax attention where each query sees itself and the `window - 1` tokens before it.
+
+    Parameters match the Based checkpoint: `Wqkv` (d -> 3d, layout [Q all heads | K | V]) and `out_proj`
+    (d -> d), no biases; RoPE (rotate-half, base 10000) on the first `rotary_dim` channels of q and k.
+    Decode state, constant in the sequence length:
+        {"k": [B, W, H, Dh], "v": [B, W, H, Dh], "pos": int64 [B]}
+    a ring buffer where token p (keys stored after rotary) sits in slot p % W; pos = tokens seen so far.
+    """
+
+    name = "swa"
+    description = "sliding-window causal softmax attention with RoPE; ring-buffer state of the last W keys"
+    spec_args = (
+        Arg("window", int, 64, min=1, help="keys per query, itself included (swa:129 = Based's window 256)"),
+        Arg("heads", int, None, min=1, help="attention heads; default the model's n_heads"),
+        Arg("impl", str, "auto", choices=("auto",) + IMPLS, positional=False,
+            help="attention path; auto = the best one that can run, chosen once at construction"),
+        Arg("rotary_dim", int, None, min=0, positional=False,
+            help="channels per head that get RoPE (even); default the full head dim"),
+    )
+    state_kind = "window"
+
+    def __init__(self, ctx: BlockContext, window: int = 64, heads: Optional[int] = None,
+                 impl: str = "auto", rotary_dim: Optional[int] = None):
+        super().__init__(ctx)
+        self.args = {"window": window, "heads": heads, "impl": impl, "rotary_dim": rotary_dim}
+        D = ctx.d_model
+        if window < 1:
+            raise ArgError(f"window must be >= 1 (keys per query, itself included), got {window}")
+        self.window = window
+        self.n_heads = resolve_heads(ctx, heads, D)
+        self.head_dim = D // self.n_heads
+        self.rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
+        if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
+            raise ArgError(f"rotary_dim must be even and in [0, head dim {self.head_dim}], got {self.rotary_dim}")
+        self.impl = self._select_impl(impl)
+        self.Wqkv = nn.Linear(D, 3 * D, bias=False)  # D -> [Q | K | V], each H heads of Dh
+        self.out_proj = nn.Linear(D, D, bias=False)
+        nn.init.normal_(self.Wqkv.weight, std=ctx.init_std)
+        nn.init.normal_(self.out_proj.weight, std=ctx.out_init_std)
+
+    @classmethod
+    def available_impls(cls, device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
+        return {"reference": None}
+
+    def _select_impl(self, impl: str) -> str:
+        avail = self.available_impls("cuda" if torch.cuda.is_available() else "cpu")
+        if impl == "auto":
+            impl = next(name for name in IMPLS if avail.get(name) is None)
+        elif impl not in avail:
+            raise ArgError(f"swa impl must be one of auto, {', '.join(avail)}; got {impl!r}")
+        elif avail[impl] is not None:
+            raise RuntimeError(f"swa impl={impl!r} cannot run here: {avail[impl]}. Use impl=auto or reference.")
+        logger.debug("swa layer %d: impl=%s", self.ctx.layer_idx, impl)
+        return impl
+
+    # -- projections ------------------------------------------------------------------------------
+    def _qkv(self, x_BTD: torch.Tensor, pos: Union[int, torch.Tensor]):
+        """q, k, v [B, T, H, Dh] for tokens at positions pos + t, RoPE applied to q and k."""
+        B, T, _ = x_BTD.shape
+        q_BTHD, k_BTHD, v_BTHD = self.Wqkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
+        q_BTHD = rotary_ref(q_BTHD, pos, self.rotary_dim)
+        k_BTHD = rotary_ref(k_BTHD, pos, self.rotary_dim)
+        return q_BTHD, k_BTHD, v_BTHD
+
+    @staticmethod
+    def _sdpa(q_BTHD, k_BSHD, v_BSHD, mask_B1TS) -> torch.Tensor:
+        o_BHTD = F.scaled_dot_product_attention(
+            q_BTHD.transpose(1, 2), k_BSHD.transpose(1, 2), v_BSHD.transpose(1, 2), attn_mask=mask_B1TS
+        )
+        return o_BHTD.transpose(1, 2)
+
+    # -- the contract -----------------------------------------------------------------------------
+    def forward(self, x_BTD, *, state: State = None, return_state: bool = False):
+        B, T, D = x_BTD.shape
+        W, dev = self.window, x_BTD.device
+        t_T = torch.arange(T, device=dev)
+        if state is None:  # fresh sequence: the T x T band
+            q_BTHD, k_BTHD, v_BTHD = self._qkv(x_BTD, 0)
+            o_BTHD = self._sdpa(q_BTHD, k_BTHD, v_BTHD, band_mask(t_T[None], t_T[None], W))
+            if return_state:
+                state = self.init_state(B, max_seqlen=T, device=dev, dtype=k_BTHD.dtype)
+        else:  # continue: prepend the ring buffer (W slots), masked by the absolute position of each slot
+            pos_B = state["pos"]
+            q_BTHD, k_BTHD, v_BTHD = self._qkv(x_BTD, pos_B)
+            qpos_BT = pos_B[:, None] + t_T
+            kpos_BS = torch.cat([ring_positions(pos_B, W), qpos_BT], 1)  # [B, W + T]
+            k_BSHD = torch.cat([state["k"].to(k_BTHD.dtype), k_BTHD], 1)
+            v_BSHD = torch.cat([state["v"].to(v_BTHD.dtype), v_BTHD], 1)
+            o_BTHD = self._sdpa(q_BTHD, k_BSHD, v_BSHD, band_mask(qpos_BT, kpos_BS, W))
+        y_BTD = self.out_proj(o_BTHD.reshape(B, T, D))
+        if not return_state:
+            return y_BTD
+        self._write(state, k_BTHD, v_BTHD)
+        return y_BTD, state
+
+    def _write(self, state: dict, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor) -> None:
+        """Store the last min(T, W) keys/values of a chunk in their ring slots and advance pos, in place."""
+        B, T = k_BTHD.shape[:2]
+        L = min(T, self.window)
+        pos_B = state["pos"]
+        slot_BL = torch.remainder(pos_B[:, None] + torch.arange(T - L, T, device=pos_B.device), self.window)
+        b_B1 = torch.arange(B, device=pos_B.device)[:, None]
+        state["k"][b_B1, slot_BL] = k_BTHD[:, T - L:].to(state["k"].dtype)
+        state["v"][b_B1, slot_BL] = v_BTHD[:, T - L:].to(state["v"].dtype)
+        pos_B.add_(T)
+
+    def init_state(self, batch_size, *, max_seqlen, device=None, dtype=torch.float32):
+        """The ring buffer; its size depends on the window, not on `max_seqlen`."""
+        shape = (batch_size, self.window, self.n_heads, self.head_dim)
+        return {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "v": torch.zeros(shape, device=device, dtype=dtype),
+            "pos": torch.zeros(batch_size, device=device, dtype=torch.int64),
+        }
+
+    def step(self, x_BD, state):
+        """One token per sequence: write k/v into slot pos % W, attend over the written slots, pos += 1."""
+        B, D = x_BD.shape
+        pos_B = state["pos"]
+        q_B1HD, k_B1HD, v_B1HD = self._qkv(x_BD[:, None], pos_B)
+        b_B = torch.arange(B, device=pos_B.device)
+        slot_B = torch.remainder(pos_B, self.window)
+        state["k"][b_B, slot_B] = k_B1HD[:, 0].to(state["k"].dtype)
+        state["v"][b_B, slot_B] = v_B1HD[:, 0].to(state["v"].dtype)
+        # After the write the buffer holds positions pos-W+1..pos, all inside the window; mask the empty slots.
+        valid_B11W = (ring_positions(pos_B + 1, self.window) >= 0)[:, None, None]
+        o_B1HD = self._sdpa(q_B1HD, state["k"].to(q_B1HD.dtype), state["v"].to(v_B1HD.dtype), valid_B11W)
+        pos_B.add_(1)
+        return self.out_proj(o_B1HD.reshape(B, D)), state
+
+    def state_bytes(self, batch_size, seqlen, dtype=torch.float32):
+        return state_nbytes(self.init_state(batch_size, max_seqlen=seqlen, device="meta", dtype=dtype))
+
+    def flops_per_token(self, seqlen: int) -> int:
+        """2 per multiply-add: Wqkv (3d^2) + out_proj (d^2), then q.k and p.v over min(seqlen, W) keys (d each).
+
+        Softmax, RoPE and masking are not counted.
+        """
+        D = self.ctx.d_model
+        return 2 * 4 * D * D + 2 * 2 * min(seqlen, self.window) * D
