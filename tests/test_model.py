@@ -108,3 +108,16 @@ def test_load_names_missing_and_unexpected_keys(tmp_path):
     save_file(t, str(d / "model.safetensors"))
     with pytest.raises(ValueError, match=r"missing keys \['blocks.0.mixer.out_proj.weight'\].*unexpected keys \['extra.weight'\]"):
         from_pretrained(d)
+
+
+@pytest.mark.parametrize("spec,layers", [
+    ("based:linear,swa:64,conv", None),
+    ("based,swa64,mlp", 36),
+    ("(conv,mlp,based,mlp)*4", None),
+    ("attn:heads=16:kv_heads=4,mlp", None),
+    ("mamba:d_state=16", None),
+])
+def test_design_examples_build_with_the_installed_plugins(spec, layers):
+    cfg = resolve_model(spec, layers=layers, d_model=256, n_heads=16)
+    model = build_model(cfg, device="meta")
+    assert len(model.blocks) == (layers or len(parse_spec(spec)))
