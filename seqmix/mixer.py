@@ -1,11 +1,14 @@
 """The mixer contract: the one interface every sequence/channel mixer (built-in or plugin) implements."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import nn
+
+_log = logging.getLogger("seqmix.mixer")
 
 # A mixer's decode state: named tensors (so CUDA graphs can update them in place), or None (stateless).
 State = Optional[dict[str, torch.Tensor]]
@@ -138,6 +141,29 @@ class Mixer(nn.Module):
     def available_impls(cls, device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
         """Map of implementation name -> None if it can run on `device`, else the reason it cannot."""
         return {"reference": None}
+
+    def resolve_impl(self, impl: str, preference: tuple[str, ...]) -> str:
+        """Choose the implementation once, at construction, for this machine (CUDA if it has one).
+
+        `auto` takes the first name in `preference` that can run; an explicit name that cannot run raises an
+        error that says why and lists those that can. The choice is logged once, at debug level.
+        """
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        avail = self.available_impls(device)
+        if impl == "auto":
+            chosen = next((n for n in preference if avail.get(n, "unknown") is None), None)
+            if chosen is None:
+                raise RuntimeError(f"{self.name}: no implementation can run on {device}: {avail}")
+        elif impl not in avail:
+            raise ArgError(f"{self.name} impl must be one of auto, {', '.join(avail)}; got {impl!r}")
+        elif avail[impl] is not None:
+            runnable = ", ".join(["auto"] + [k for k, why in avail.items() if why is None])
+            raise RuntimeError(f"{self.name} impl={impl!r} cannot run on this machine ({device}): {avail[impl]}. "
+                               f"Use one of: {runnable}.")
+        else:
+            chosen = impl
+        _log.debug("%s layer %d: impl=%s (asked %s)", self.name, self.ctx.layer_idx, chosen, impl)
+        return chosen
 
     def extra_repr(self) -> str:
         return self.spec_repr()

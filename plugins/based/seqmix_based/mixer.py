@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
 from typing import Callable, Optional, Union
 
 import torch
@@ -19,7 +18,6 @@ from seqmix_based.naive import (
     taylor_feature_map,
 )
 
-logger = logging.getLogger(__name__)
 
 # A view maps (q_BTHF, k_BTHF, v_BTHV, initial_state, output_final_state, chunk_size, eps) to
 # (o_BTHV, final state or None); the initial state is read, never written.
@@ -103,7 +101,7 @@ class BasedLinearAttention(Mixer):
         self.head_dim = D // self.n_heads
         self.chunk_size = chunk_size
         self.eps = eps
-        self.impl = self._select_impl(impl)
+        self.impl = self.resolve_impl(impl, ("parallel", "linear"))
         self._view = VIEWS[self.impl]
         HF = self.n_heads * feature_dim
         self.proj_q = nn.Linear(D, HF, bias=False)  # D -> H*F
@@ -117,20 +115,6 @@ class BasedLinearAttention(Mixer):
     @classmethod
     def available_impls(cls, device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
         return {"quadratic": None, "linear": None, "recurrent": None, "parallel": _parallel_unavailable(device)}
-
-    def _select_impl(self, impl: str) -> str:
-        """Resolve `impl` once, against this machine (CUDA if it has one): auto = parallel if it can run."""
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        avail = self.available_impls(device)
-        chosen = impl
-        if impl == "auto":
-            chosen = "parallel" if avail["parallel"] is None else "linear"
-        elif avail[impl] is not None:
-            runnable = ", ".join(["auto"] + [k for k, why in avail.items() if why is None])
-            raise RuntimeError(f"based impl={impl!r} cannot run on this machine ({device}): {avail[impl]}. "
-                               f"Use one of: {runnable}.")
-        logger.debug("based layer %d: impl=%s (asked %s)", self.ctx.layer_idx, chosen, impl)
-        return chosen
 
     # -- projections ------------------------------------------------------------------------------
     def _qkv(self, x_BTD: torch.Tensor):

@@ -205,7 +205,7 @@ def test_parallel_needs_a_kernel_and_cuda():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_auto_resolves_once_to_linear_on_cpu(caplog):
-    with caplog.at_level(logging.DEBUG, logger="seqmix_based.mixer"):
+    with caplog.at_level(logging.DEBUG, logger="seqmix.mixer"):
         m = BasedLinearAttention(BlockContext(d_model=D, n_heads=4, layer_idx=3))
         m(inputs()[:, :4])
     assert m.impl == "linear" and m.args["impl"] == "auto"
