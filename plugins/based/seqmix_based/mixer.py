@@ -18,7 +18,6 @@ from seqmix_based.naive import (
     taylor_feature_map,
 )
 
-
 # A view maps (q_BTHF, k_BTHF, v_BTHV, initial_state, output_final_state, chunk_size, eps) to
 # (o_BTHV, final state or None); the initial state is read, never written.
 View = Callable[..., tuple[torch.Tensor, Optional[BasedState]]]
