@@ -1,6 +1,14 @@
-"""seqmix-kernels: ops shared by two or more mixers, each a reference twin beside its (optional) Triton kernel."""
-from seqmix_kernels.rmsnorm import rms_norm_ref
-from seqmix_kernels.rotary import rotary_ref
-from seqmix_kernels.short_conv import short_conv_ref, short_conv_step_ref
+"""seqmix-kernels: ops shared by two or more mixers, each a reference twin beside its (optional) Triton kernel.
 
-__all__ = ["rms_norm_ref", "rotary_ref", "short_conv_ref", "short_conv_step_ref"]
+The Triton paths live in `seqmix_kernels.triton_ops` (importing them imports triton); pick one with the
+`*_fn(impl)` helpers and `seqmix_kernels.backend.resolve_impl`. Importing this package never imports triton.
+"""
+from seqmix_kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from seqmix_kernels.rmsnorm import rms_norm_ref, rms_norm_residual_fn, rms_norm_residual_ref
+from seqmix_kernels.rotary import rotary_fn, rotary_ref
+from seqmix_kernels.short_conv import short_conv_fns, short_conv_ref, short_conv_step_ref
+
+__all__ = [
+    "linear_cross_entropy", "linear_cross_entropy_ref", "rms_norm_ref", "rms_norm_residual_fn",
+    "rms_norm_residual_ref", "rotary_fn", "rotary_ref", "short_conv_fns", "short_conv_ref", "short_conv_step_ref",
+]

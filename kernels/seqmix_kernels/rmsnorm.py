@@ -1,4 +1,10 @@
-"""RMSNorm, reference: y = x * rsqrt(mean(x^2) + eps) * w, computed in fp32, returned in x's dtype."""
+"""RMSNorm, reference: y = x * rsqrt(mean(x^2) + eps) * w, computed in fp32; and its fusion with the residual add.
+
+The Triton twin of `rms_norm_residual_ref` (same signature) is `triton_ops/rmsnorm.py::rms_norm_residual`;
+`rms_norm_residual_fn(impl)` returns the one for a resolved impl.
+"""
+from typing import Callable, Optional
+
 import torch
 
 
@@ -7,3 +13,31 @@ def rms_norm_ref(x_BTD: torch.Tensor, weight_D: torch.Tensor, eps: float = 1e-5)
     xf = x_BTD.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * weight_D.float()).to(x_BTD.dtype)
+
+
+def rms_norm_residual_ref(
+    x_BTD: Optional[torch.Tensor],
+    residual_BTD: torch.Tensor,
+    weight_D: torch.Tensor,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm block boundary: residual += x (in fp32), then y = RMSNorm(residual) * w.
+
+    x_BTD: [..., D] a branch output (any float dtype), or None to only normalise the residual.
+    residual_BTD: [..., D] fp32 residual stream. weight_D: [D].
+    Returns (y in weight's dtype, the new fp32 residual). Not in place.
+    """
+    r = residual_BTD.float() if x_BTD is None else residual_BTD.float() + x_BTD.float()
+    y = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * weight_D.float()
+    return y.to(weight_D.dtype), r
+
+
+def rms_norm_residual_fn(impl: str) -> Callable:
+    """`rms_norm_residual` for a resolved impl ("reference" or "triton", see `backend.resolve_impl`)."""
+    if impl == "reference":
+        return rms_norm_residual_ref
+    if impl == "triton":
+        from seqmix_kernels.triton_ops.rmsnorm import rms_norm_residual
+
+        return rms_norm_residual
+    raise ValueError(f"rms_norm_residual impl must be 'reference' or 'triton', got {impl!r}")

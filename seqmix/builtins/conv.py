@@ -1,9 +1,15 @@
 """`conv`: BaseConv, the gated short convolution of Based (in_proj -> causal depthwise conv, SiLU, * gate)."""
+import logging
+from typing import Optional, Union
+
 import torch
 from torch import nn
 
 from seqmix.mixer import Arg, BlockContext, Mixer
-from seqmix_kernels.short_conv import short_conv_ref, short_conv_step_ref
+from seqmix_kernels.backend import IMPLS, available_impls, resolve_impl
+from seqmix_kernels.short_conv import short_conv_fns
+
+logger = logging.getLogger(__name__)
 
 
 class BaseConv(Mixer):
@@ -12,12 +18,19 @@ class BaseConv(Mixer):
     spec_args = (
         Arg("kernel_size", int, 3, min=2, max=8, help="taps of the causal depthwise conv"),
         Arg("expand", int, 2, min=1, positional=False, help="inner width = expand * d_model"),
+        Arg("impl", str, "auto", choices=("auto",) + IMPLS, positional=False,
+            help="conv path: triton = fused conv+SiLU+gate kernel; auto = triton on a CUDA machine, else reference"),
     )
     state_kind = "window"
 
-    def __init__(self, ctx: BlockContext, kernel_size=3, expand=2):
+    def __init__(self, ctx: BlockContext, kernel_size=3, expand=2, impl="auto"):
         super().__init__(ctx)
-        self.args = {"kernel_size": kernel_size, "expand": expand}
+        self.args = {"kernel_size": kernel_size, "expand": expand, "impl": impl}
+        for arg in self.spec_args:  # direct construction gets the same checks as spec text
+            arg.convert(self.args[arg.name])
+        self.impl = resolve_impl(impl, "conv")
+        self._conv, self._conv_step = short_conv_fns(self.impl)  # the fused op; the same signature on both paths
+        logger.debug("conv layer %d: impl=%s (asked %s)", ctx.layer_idx, self.impl, impl)
         D = ctx.d_model
         self.inner = expand * D
         self.kernel_size = kernel_size
@@ -33,8 +46,9 @@ class BaseConv(Mixer):
     def forward(self, x_BTD, *, state=None, return_state=False):
         u_BTC, gate_BTC = self.in_proj(x_BTD).chunk(2, dim=-1)
         conv_state = None if state is None else state["conv"]
-        c_BTC, new_conv = short_conv_ref(u_BTC, self.conv_weight, state_BCK=conv_state, activation="silu")
-        y_BTD = self.out_proj(c_BTC * gate_BTC)
+        c_BTC, new_conv = self._conv(u_BTC, self.conv_weight, state_BCK=conv_state, activation="silu",
+                                     gate_BTC=gate_BTC)  # silu(conv(u)) * gate, fused
+        y_BTD = self.out_proj(c_BTC)
         if not return_state:
             return y_BTD
         if conv_state is not None:
@@ -47,11 +61,15 @@ class BaseConv(Mixer):
 
     def step(self, x_BD, state):
         u_BC, gate_BC = self.in_proj(x_BD).chunk(2, dim=-1)
-        c_BC = short_conv_step_ref(u_BC, state["conv"], self.conv_weight, activation="silu")
-        return self.out_proj(c_BC * gate_BC), state
+        c_BC = self._conv_step(u_BC, state["conv"], self.conv_weight, activation="silu", gate_BC=gate_BC)
+        return self.out_proj(c_BC), state
 
     def state_bytes(self, batch_size, seqlen, dtype=torch.float32):
         return batch_size * self.inner * self.kernel_size * torch.empty((), dtype=dtype).element_size()
+
+    @classmethod
+    def available_impls(cls, device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
+        return available_impls(device)
 
     def flops_per_token(self, seqlen: int) -> int:
         D, C = self.ctx.d_model, self.inner

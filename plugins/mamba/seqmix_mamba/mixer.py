@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.mixer import Arg, BlockContext, Mixer, State
-from seqmix_kernels.short_conv import short_conv_ref, short_conv_step_ref
+from seqmix_kernels.backend import IMPLS as CONV_IMPLS
+from seqmix_kernels.backend import resolve_impl
+from seqmix_kernels.short_conv import short_conv_fns
 from seqmix_mamba.naive import selective_scan_chunked, selective_scan_ref, selective_state_step_ref
 
 logger = logging.getLogger(__name__)
@@ -37,14 +39,16 @@ class Mamba(Mixer):
         Arg("impl", str, "auto", choices=IMPLS, positional=False,
             help="scan: sequential (the definition) or chunked (masked matrix form); auto = chunked on CPU"),
         Arg("chunk_size", int, 64, min=1, positional=False, help="chunk length of impl=chunked"),
+        Arg("conv_impl", str, "auto", choices=("auto",) + CONV_IMPLS, positional=False,
+            help="short conv path: triton = fused conv+bias+SiLU kernel; auto = triton on a CUDA machine"),
     )
     state_kind = "recurrent"
 
     def __init__(self, ctx: BlockContext, d_state=16, expand=2, d_conv=4, dt_rank=None, impl="auto",
-                 chunk_size=64):
+                 chunk_size=64, conv_impl="auto"):
         super().__init__(ctx)
         self.args = {"d_state": d_state, "expand": expand, "d_conv": d_conv, "dt_rank": dt_rank, "impl": impl,
-                     "chunk_size": chunk_size}
+                     "chunk_size": chunk_size, "conv_impl": conv_impl}
         for arg in self.spec_args:  # direct construction gets the same validation as a spec string
             if self.args[arg.name] is not None:
                 arg.convert(self.args[arg.name])
@@ -55,7 +59,10 @@ class Mamba(Mixer):
         self.dt_rank = R = math.ceil(D / 16) if dt_rank is None else dt_rank
         self.chunk_size = chunk_size
         self.impl = "chunked" if impl == "auto" else impl
-        logger.debug("mamba layer %d: scan impl=%s (asked %s)", ctx.layer_idx, self.impl, impl)
+        self.conv_impl = resolve_impl(conv_impl, "mamba conv")
+        self._conv, self._conv_step = short_conv_fns(self.conv_impl)
+        logger.debug("mamba layer %d: scan impl=%s (asked %s), conv impl=%s", ctx.layer_idx, self.impl, impl,
+                     self.conv_impl)
 
         self.in_proj = nn.Linear(D, 2 * E, bias=False)  # D -> [x | z]
         self.conv1d = nn.Conv1d(E, E, d_conv, groups=E, bias=True, padding=d_conv - 1)  # weights only; see forward
@@ -96,8 +103,8 @@ class Mamba(Mixer):
     def forward(self, x_BTD: torch.Tensor, *, state: State = None, return_state: bool = False):
         x_BTE, z_BTE = self.in_proj(x_BTD).chunk(2, dim=-1)
         conv_BEK = None if state is None else state["conv"]
-        u_BTE, new_conv_BEK = short_conv_ref(x_BTE, self._conv_weight(), self.conv1d.bias, state_BCK=conv_BEK,
-                                             activation="silu")
+        u_BTE, new_conv_BEK = self._conv(x_BTE, self._conv_weight(), self.conv1d.bias, state_BCK=conv_BEK,
+                                         activation="silu")
         dt_BTE, B_BTN, C_BTN, A_EN = self._ssm_inputs(u_BTE)
         h0_BEN = None if state is None else state["ssm"]
         if self.impl == "chunked":
@@ -124,7 +131,7 @@ class Mamba(Mixer):
     def step(self, x_BD: torch.Tensor, state: State):
         """One token; updates state["conv"] and state["ssm"] in place."""
         x_BE, z_BE = self.in_proj(x_BD).chunk(2, dim=-1)
-        u_BE = short_conv_step_ref(x_BE, state["conv"], self._conv_weight(), self.conv1d.bias, activation="silu")
+        u_BE = self._conv_step(x_BE, state["conv"], self._conv_weight(), self.conv1d.bias, activation="silu")
         dt_BE, B_BN, C_BN, A_EN = self._ssm_inputs(u_BE)
         y_BE = selective_state_step_ref(state["ssm"], u_BE.float(), dt_BE, A_EN, B_BN, C_BN, self.D)
         return self.out_proj((y_BE * F.silu(z_BE.float())).to(x_BD.dtype)), state

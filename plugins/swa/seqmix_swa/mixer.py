@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.mixer import Arg, ArgError, BlockContext, Mixer, State, resolve_heads, state_nbytes
+from seqmix_kernels.backend import triton_unavailable
 from seqmix_kernels.rotary import rotary_ref
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("reference",)  # impl="auto" takes the first one that can run, in this order
+IMPLS = ("triton", "reference")  # impl="auto": the Triton kernel on a CUDA machine, else the reference
 
 
 def ring_positions(pos_B: torch.Tensor, window: int) -> torch.Tensor:
@@ -40,6 +41,9 @@ class SlidingWindowAttention(Mixer):
     Decode state, constant in the sequence length:
         {"k": [B, W, H, Dh], "v": [B, W, H, Dh], "pos": int64 [B]}
     a ring buffer where token p (keys stored after rotary) sits in slot p % W; pos = tokens seen so far.
+    impl="triton" runs the attention of a fresh sequence (training, and a prefill from no state) with the
+    banded Triton kernel (`seqmix_swa.kernel.swa_attn`, O(T * W)); a forward that continues a carried state and
+    `step` attend over the W ring slots + the new tokens with PyTorch's SDPA on every impl.
     """
 
     name = "swa"
@@ -68,6 +72,11 @@ class SlidingWindowAttention(Mixer):
         if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
             raise ArgError(f"rotary_dim must be even and in [0, head dim {self.head_dim}], got {self.rotary_dim}")
         self.impl = self._select_impl(impl)
+        self._kernel = None
+        if self.impl == "triton":  # imports triton; only on this path
+            from seqmix_swa.kernel import swa_attn
+
+            self._kernel = swa_attn
         self.Wqkv = nn.Linear(D, 3 * D, bias=False)  # D -> [Q | K | V], each H heads of Dh
         self.out_proj = nn.Linear(D, D, bias=False)
         nn.init.normal_(self.Wqkv.weight, std=ctx.init_std)
@@ -75,12 +84,15 @@ class SlidingWindowAttention(Mixer):
 
     @classmethod
     def available_impls(cls, device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
-        return {"reference": None}
+        return {"triton": triton_unavailable(device), "reference": None}
 
     def _select_impl(self, impl: str) -> str:
-        avail = self.available_impls("cuda" if torch.cuda.is_available() else "cpu")
-        if impl == "auto":
-            impl = next(name for name in IMPLS if avail.get(name) is None)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        avail = self.available_impls(device)
+        if self.head_dim > 128:  # the kernel keeps a head in one tile
+            avail["triton"] = f"the kernel supports head dims up to 128, this layer has {self.head_dim}"
+        if impl == "auto":  # never the interpreter: the kernel only when this machine has a GPU
+            impl = "triton" if device == "cuda" and avail["triton"] is None else "reference"
         elif impl not in avail:
             raise ArgError(f"swa impl must be one of auto, {', '.join(avail)}; got {impl!r}")
         elif avail[impl] is not None:
@@ -111,7 +123,10 @@ class SlidingWindowAttention(Mixer):
         t_T = torch.arange(T, device=dev)
         if state is None:  # fresh sequence: the T x T band
             q_BTHD, k_BTHD, v_BTHD = self._qkv(x_BTD, 0)
-            o_BTHD = self._sdpa(q_BTHD, k_BTHD, v_BTHD, band_mask(t_T[None], t_T[None], W))
+            if self.impl == "triton":
+                o_BTHD = self._kernel(q_BTHD, k_BTHD, v_BTHD, W)
+            else:
+                o_BTHD = self._sdpa(q_BTHD, k_BTHD, v_BTHD, band_mask(t_T[None], t_T[None], W))
             if return_state:
                 state = self.init_state(B, max_seqlen=T, device=dev, dtype=k_BTHD.dtype)
         else:  # continue: prepend the ring buffer (W slots), masked by the absolute position of each slot

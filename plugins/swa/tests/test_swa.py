@@ -144,7 +144,7 @@ def test_flops_per_token():
 
 @pytest.mark.parametrize("kw,match", [
     ({"window": 0}, "window"), ({"heads": 5}, "heads"), ({"rotary_dim": 5}, "rotary_dim"),
-    ({"rotary_dim": 14}, "rotary_dim"), ({"impl": "triton"}, "impl"),
+    ({"rotary_dim": 14}, "rotary_dim"), ({"impl": "flash"}, "impl"),
 ])
 def test_bad_args_are_rejected(kw, match):
     ctx = BlockContext(d_model=D, n_heads=H)
@@ -153,9 +153,10 @@ def test_bad_args_are_rejected(kw, match):
 
 
 def test_impls_and_parameter_layout():
-    assert SlidingWindowAttention.available_impls("cpu") == {"reference": None}
+    impls = SlidingWindowAttention.available_impls("cpu")
+    assert set(impls) == {"triton", "reference"} and impls["reference"] is None
     m = make(129, d_model=64, n_heads=4)
-    assert m.impl == "reference"
+    assert m.impl == ("triton" if torch.cuda.is_available() else "reference")  # auto: the kernel only on a GPU
     assert {n: tuple(p.shape) for n, p in m.named_parameters()} == {"Wqkv.weight": (192, 64),
                                                                     "out_proj.weight": (64, 64)}
 

@@ -1,0 +1,103 @@
+"""Rotary position embedding (rotate-half) on Triton: one read of x, one write of y, for any strides of B, T, H.
+
+    y[:R/2] = x1 cos - x2 sin,   y[R/2:R] = x2 cos + x1 sin,   y[R:] = x[R:]
+
+The fp32 cos/sin [B or 1, T, R/2] come from `rotary_cos_sin` (the reference's own arithmetic, so both paths
+rotate by the same angles; the table is H * D / R times smaller than x). The backward is the same kernel
+rotating by -angle. Twin: `seqmix_kernels.rotary.rotary_ref`.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import triton
+import triton.language as tl
+
+from seqmix_kernels.backend import check_device
+from seqmix_kernels.rotary import rotary_cos_sin
+
+
+@triton.jit
+def _rotary_kernel(
+    x_ptr, cos_ptr, sin_ptr, y_ptr, T, H, D, R2, sxb, sxt, sxh, scb,
+    CONJ: tl.constexpr, HAS_PASS: tl.constexpr, BN: tl.constexpr, BR2: tl.constexpr, BP: tl.constexpr,
+):
+    i_n, i_b = tl.program_id(0), tl.program_id(1)
+    n = i_n * BN + tl.arange(0, BN)  # (t, h) pairs of sequence i_b
+    t, h = n // H, n % H
+    nm = n < T * H
+    i = tl.arange(0, BR2)
+    m = nm[:, None] & (i < R2)[None, :]
+    x_row = x_ptr + i_b.to(tl.int64) * sxb + t.to(tl.int64) * sxt + h * sxh
+    y_row = y_ptr + ((i_b.to(tl.int64) * T + t) * H + h) * D
+    x1 = tl.load(x_row[:, None] + i[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row[:, None] + R2 + i[None, :], mask=m, other=0.0).to(tl.float32)
+    cs_off = i_b.to(tl.int64) * scb + t[:, None] * R2 + i[None, :]
+    c = tl.load(cos_ptr + cs_off, mask=m, other=0.0)
+    s = tl.load(sin_ptr + cs_off, mask=m, other=0.0)
+    if CONJ:
+        s = -s
+    tl.store(y_row[:, None] + i[None, :], (x1 * c - x2 * s).to(y_ptr.dtype.element_ty), mask=m)
+    tl.store(y_row[:, None] + R2 + i[None, :], (x2 * c + x1 * s).to(y_ptr.dtype.element_ty), mask=m)
+    if HAS_PASS:
+        j = 2 * R2 + tl.arange(0, BP)
+        pm = nm[:, None] & (j < D)[None, :]
+        tl.store(y_row[:, None] + j[None, :], tl.load(x_row[:, None] + j[None, :], mask=pm), mask=pm)
+
+
+def rotary_apply(x_BTHD: torch.Tensor, cos_BTR2: torch.Tensor, sin_BTR2: torch.Tensor, conj: bool) -> torch.Tensor:
+    """Launch on x with unit stride over D; returns a contiguous [B, T, H, D] tensor of x's dtype."""
+    B, T, H, D = x_BTHD.shape
+    R2 = cos_BTR2.shape[-1]
+    y = torch.empty(B, T, H, D, device=x_BTHD.device, dtype=x_BTHD.dtype)
+    BR2 = triton.next_power_of_2(R2)
+    BP = triton.next_power_of_2(max(D - 2 * R2, 1))
+    on_gpu = x_BTHD.device.type == "cuda"
+    BN = max(1, (2048 if on_gpu else 4096) // max(BR2, BP))
+    grid = (triton.cdiv(T * H, BN), B)
+    _rotary_kernel[grid](
+        x_BTHD, cos_BTR2, sin_BTR2, y, T, H, D, R2, x_BTHD.stride(0), x_BTHD.stride(1), x_BTHD.stride(2),
+        0 if cos_BTR2.shape[0] == 1 else T * R2,
+        CONJ=conj, HAS_PASS=2 * R2 < D, BN=BN, BR2=BR2, BP=BP, num_warps=4 if on_gpu else 1,
+    )
+    return y
+
+
+class RotaryFunction(torch.autograd.Function):
+    """x -> rotate(x, angle); the gradient is rotate(dy, -angle)."""
+
+    @staticmethod
+    def forward(ctx, x_BTHD, cos_BTR2, sin_BTR2):
+        ctx.save_for_backward(cos_BTR2, sin_BTR2)
+        return rotary_apply(x_BTHD, cos_BTR2, sin_BTR2, conj=False)
+
+    @staticmethod
+    def backward(ctx, dy_BTHD):
+        cos_BTR2, sin_BTR2 = ctx.saved_tensors
+        dy = dy_BTHD if dy_BTHD.stride(-1) == 1 else dy_BTHD.contiguous()
+        return rotary_apply(dy, cos_BTR2, sin_BTR2, conj=True), None, None
+
+
+def rotary(
+    x_BTHD: torch.Tensor,
+    pos_offset: Union[int, torch.Tensor] = 0,
+    rotary_dim: int = -1,
+    base: float = 10000.0,
+) -> torch.Tensor:
+    """Rotate x_BTHD [B, T, H, D] (any strides over B, T, H; unit stride over D) at positions pos_offset + t.
+
+    pos_offset: an int, or an int64 tensor [B] of per-sequence offsets. rotary_dim: channels rotated (even,
+    <= D; -1 = all); the rest are copied. fp32 angles and arithmetic; returns a contiguous tensor of x's dtype.
+    Differentiable w.r.t. x.
+    """
+    B, T, H, D = x_BTHD.shape
+    R = D if rotary_dim == -1 else rotary_dim
+    if R % 2 or R > D:
+        raise ValueError(f"rotary_dim must be even and <= head dim {D}, got {R}")
+    if R == 0:
+        return x_BTHD
+    check_device("rotary", x_BTHD)
+    cos_BTR2, sin_BTR2 = rotary_cos_sin(B, T, R, pos_offset, base, x_BTHD.device)
+    x = x_BTHD if x_BTHD.stride(-1) == 1 else x_BTHD.contiguous()
+    return RotaryFunction.apply(x, cos_BTR2.contiguous(), sin_BTR2.contiguous())
