@@ -142,14 +142,16 @@ class Mixer(nn.Module):
         """Map of implementation name -> None if it can run on `device`, else the reason it cannot."""
         return {"reference": None}
 
-    def resolve_impl(self, impl: str, preference: tuple[str, ...]) -> str:
+    def resolve_impl(self, impl: str, preference: tuple[str, ...],
+                     avail: Optional[dict[str, Optional[str]]] = None) -> str:
         """Choose the implementation once, at construction, for this machine (CUDA if it has one).
 
         `auto` takes the first name in `preference` that can run; an explicit name that cannot run raises an
-        error that says why and lists those that can. The choice is logged once, at debug level.
+        error that says why and lists those that can. `avail` overrides `available_impls(device)` where a layer's
+        own sizes rule a path out. The choice is logged once, at debug level.
         """
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        avail = self.available_impls(device)
+        avail = self.available_impls(device) if avail is None else avail
         if impl == "auto":
             chosen = next((n for n in preference if avail.get(n, "unknown") is None), None)
             if chosen is None:

@@ -1,7 +1,6 @@
 """`attn`: causal softmax attention with RoPE and grouped KV heads, decoded from a preallocated KV cache."""
 from __future__ import annotations
 
-import logging
 from typing import Optional, Union
 
 import torch
@@ -11,7 +10,6 @@ from torch import nn
 from seqmix.mixer import Arg, ArgError, BlockContext, Mixer, State, resolve_heads, state_nbytes
 from seqmix_kernels.rotary import rotary_ref
 
-logger = logging.getLogger(__name__)
 
 IMPLS = ("reference",)  # impl="auto" takes the first one that can run, in this order
 
@@ -61,7 +59,7 @@ class CausalAttention(Mixer):
         if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
             raise ArgError(f"rotary_dim must be even and in [0, head dim {self.head_dim}], got {self.rotary_dim}")
         self.rope_base = float(rope_base)
-        self.impl = self._select_impl(impl)
+        self.impl = self.resolve_impl(impl, IMPLS)
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         self.Wqkv = nn.Linear(D, (H + 2 * Hkv) * Dh, bias=False)  # D -> [Q (H heads) | K (Hkv) | V (Hkv)]
         self.out_proj = nn.Linear(D, D, bias=False)
@@ -71,17 +69,6 @@ class CausalAttention(Mixer):
     @classmethod
     def available_impls(cls, device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
         return {"reference": None}
-
-    def _select_impl(self, impl: str) -> str:
-        avail = self.available_impls("cuda" if torch.cuda.is_available() else "cpu")
-        if impl == "auto":
-            impl = next(name for name in IMPLS if avail.get(name) is None)
-        elif impl not in avail:
-            raise ArgError(f"attn impl must be one of auto, {', '.join(avail)}; got {impl!r}")
-        elif avail[impl] is not None:
-            raise RuntimeError(f"attn impl={impl!r} cannot run here: {avail[impl]}. Use impl=auto or reference.")
-        logger.debug("attn layer %d: impl=%s", self.ctx.layer_idx, impl)
-        return impl
 
     # -- projections and attention ----------------------------------------------------------------
     def _qkv(self, x_BTD: torch.Tensor, pos: Union[int, torch.Tensor]):

@@ -1,7 +1,6 @@
 """`swa`: sliding-window causal softmax attention (Based's), decoded from a ring buffer of the last W keys."""
 from __future__ import annotations
 
-import logging
 from typing import Optional, Union
 
 import torch
@@ -12,7 +11,6 @@ from seqmix.mixer import Arg, ArgError, BlockContext, Mixer, State, resolve_head
 from seqmix_kernels.backend import triton_unavailable
 from seqmix_kernels.rotary import rotary_ref
 
-logger = logging.getLogger(__name__)
 
 IMPLS = ("triton", "reference")  # impl="auto": the Triton kernel on a CUDA machine, else the reference
 
@@ -87,18 +85,11 @@ class SlidingWindowAttention(Mixer):
         return {"triton": triton_unavailable(device), "reference": None}
 
     def _select_impl(self, impl: str) -> str:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        avail = self.available_impls(device)
+        avail = self.available_impls("cuda" if torch.cuda.is_available() else "cpu")
         if self.head_dim > 128:  # the kernel keeps a head in one tile
             avail["triton"] = f"the kernel supports head dims up to 128, this layer has {self.head_dim}"
-        if impl == "auto":  # never the interpreter: the kernel only when this machine has a GPU
-            impl = "triton" if device == "cuda" and avail["triton"] is None else "reference"
-        elif impl not in avail:
-            raise ArgError(f"swa impl must be one of auto, {', '.join(avail)}; got {impl!r}")
-        elif avail[impl] is not None:
-            raise RuntimeError(f"swa impl={impl!r} cannot run here: {avail[impl]}. Use impl=auto or reference.")
-        logger.debug("swa layer %d: impl=%s", self.ctx.layer_idx, impl)
-        return impl
+        # auto never picks Triton's CPU interpreter: the kernel only when this machine has a GPU
+        return self.resolve_impl(impl, IMPLS if torch.cuda.is_available() else ("reference",), avail)
 
     # -- projections ------------------------------------------------------------------------------
     def _qkv(self, x_BTD: torch.Tensor, pos: Union[int, torch.Tensor]):

@@ -97,7 +97,7 @@ def test_mixer_impl_resolution(monkeypatch):
         SlidingWindowAttention(wide, 8, impl="triton")
     if not HAS_CUDA:  # without the interpreter, a CPU machine cannot run the kernel: the error says why
         monkeypatch.delenv("TRITON_INTERPRET")
-        with pytest.raises(RuntimeError, match="impl='triton' cannot run here.*CUDA"):
+        with pytest.raises(RuntimeError, match="impl='triton' cannot run on this machine.*CUDA"):
             SlidingWindowAttention(ctx, 8, impl="triton")
 
 
