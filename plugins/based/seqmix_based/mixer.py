@@ -1,7 +1,6 @@
 """`based`: Based linear attention (Taylor feature map), with its quadratic, chunked and recurrent views."""
 from __future__ import annotations
 
-import importlib.util
 from typing import Callable, Optional, Union
 
 import torch
@@ -48,18 +47,16 @@ def _recurrent_view(q_BTHF, k_BTHF, v_BTHV, *, initial_state, output_final_state
                                output_final_state=output_final_state, eps=eps)
 
 
-VIEWS: dict[str, View] = {"quadratic": _quadratic_view, "linear": _linear_view, "recurrent": _recurrent_view}
+def _parallel_view(q_BTHF, k_BTHF, v_BTHV, *, initial_state, output_final_state, chunk_size, eps):
+    """The Triton kernel (seqmix_based.kernels): feature map fused, the E-wide features never reach HBM."""
+    from seqmix_based.kernels import based_attn
+
+    return based_attn(q_BTHF, k_BTHF, v_BTHV, initial_state=initial_state, output_final_state=output_final_state,
+                      eps=eps)
 
 
-def _parallel_unavailable(device: Union[str, torch.device]) -> Optional[str]:
-    """Why the Triton kernel cannot run on `device` (None once it can)."""
-    missing = []
-    if torch.device(device).type != "cuda":
-        missing.append(f"a CUDA device (got {torch.device(device).type})")
-    if importlib.util.find_spec("triton") is None:
-        missing.append("triton (pip install 'seqmix-plugin-based[gpu]')")
-    missing.append("the Triton kernel, which is not built yet")
-    return "needs " + ", ".join(missing)
+VIEWS: dict[str, View] = {"quadratic": _quadratic_view, "linear": _linear_view, "recurrent": _recurrent_view,
+                          "parallel": _parallel_view}
 
 
 class BasedLinearAttention(Mixer):
@@ -102,6 +99,11 @@ class BasedLinearAttention(Mixer):
         self.eps = eps
         self.impl = self.resolve_impl(impl, ("parallel", "linear"))
         self._view = VIEWS[self.impl]
+        self._step = based_step_ref
+        if self.impl == "parallel":  # decode with the Triton step kernel too (in place, CUDA-graph safe)
+            from seqmix_based.kernels import based_step
+
+            self._step = based_step
         HF = self.n_heads * feature_dim
         self.proj_q = nn.Linear(D, HF, bias=False)  # D -> H*F
         self.proj_k = nn.Linear(D, HF, bias=False)  # D -> H*F
@@ -113,7 +115,9 @@ class BasedLinearAttention(Mixer):
 
     @classmethod
     def available_impls(cls, device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
-        return {"quadratic": None, "linear": None, "recurrent": None, "parallel": _parallel_unavailable(device)}
+        from seqmix_based.kernels import is_available
+
+        return {"quadratic": None, "linear": None, "recurrent": None, "parallel": is_available(device)}
 
     # -- projections ------------------------------------------------------------------------------
     def _qkv(self, x_BTD: torch.Tensor):
@@ -158,7 +162,7 @@ class BasedLinearAttention(Mixer):
         if state is None:
             state = self.init_state(B, max_seqlen=1, device=x_BD.device)
         q_BHF, k_BHF, v_BHV = self._qkv(x_BD)
-        o_BHV = based_step_ref(q_BHF, k_BHF, v_BHV, (state["kv"], state["k"]), eps=self.eps)
+        o_BHV = self._step(q_BHF, k_BHF, v_BHV, (state["kv"], state["k"]), eps=self.eps)
         return self.out_proj(o_BHV.reshape(B, D)), state
 
     def state_bytes(self, batch_size, seqlen, dtype=torch.float32):

@@ -1,0 +1,40 @@
+"""Triton kernels for Based linear attention: `based_attn` (training, prefill with states) and `based_step` (decode).
+
+Importing this package needs no triton; `based_attn` and `based_step` import the kernels on first access.
+`is_available(device)` says whether they can run there (None) or why not (a string).
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Optional, Union
+
+import torch
+
+__all__ = ["based_attn", "based_step", "is_available"]
+
+
+def is_available(device: Union[str, torch.device, None] = None) -> Optional[str]:
+    """None if the Triton kernels can run on `device` (default: the current CUDA device), else the reason."""
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda":
+        return f"the Triton kernels need a CUDA device, got {device.type!r}"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'seqmix-plugin-based[gpu]')"
+    if not torch.cuda.is_available():
+        return "CUDA is not available to torch on this machine"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"the kernels use bf16 tensor cores: compute capability >= 8.0 needed, this GPU has {major}.{minor}"
+    return None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "based_attn":
+        from seqmix_based.kernels.attn import based_attn
+
+        return based_attn
+    if name == "based_step":
+        from seqmix_based.kernels.step import based_step
+
+        return based_step
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
