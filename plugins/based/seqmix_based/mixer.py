@@ -97,7 +97,12 @@ class BasedLinearAttention(Mixer):
         self.head_dim = D // self.n_heads
         self.chunk_size = chunk_size
         self.eps = eps
-        self.impl = self.resolve_impl(impl, ("parallel", "linear"))
+        from seqmix_based.kernels import unsupported_sizes
+
+        avail = self.available_impls("cuda" if torch.cuda.is_available() else "cpu")
+        if avail["parallel"] is None:  # the kernels handle F <= 32 and V in 16..128 (multiple of 16)
+            avail["parallel"] = unsupported_sizes(feature_dim, self.head_dim)
+        self.impl = self.resolve_impl(impl, ("parallel", "linear"), avail)
         self._view = VIEWS[self.impl]
         self._step = based_step_ref
         if self.impl == "parallel":  # decode with the Triton step kernel too (in place, CUDA-graph safe)

@@ -237,3 +237,12 @@ def test_registered_through_the_entry_point():
 @pytest.mark.parametrize("spec", ("based", "based:quadratic:8:2", "based:recurrent:chunk_size=16"))
 def test_conformance(spec, dtype):
     check_mixer_conformance(spec, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_parallel_kernel_passes_conformance_on_cuda(dtype):
+    """impl=parallel (Triton forward/backward + decode step) against every reference view, on the GPU."""
+    m = check_mixer_conformance("based:parallel", dtype=dtype, device="cuda", d_model=64, n_heads=4)
+    assert m.impl == "parallel"

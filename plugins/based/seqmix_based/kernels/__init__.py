@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-__all__ = ["based_attn", "based_step", "is_available"]
+__all__ = ["based_attn", "based_step", "is_available", "unsupported_sizes"]
 
 
 def is_available(device: Union[str, torch.device, None] = None) -> Optional[str]:
@@ -25,6 +25,14 @@ def is_available(device: Union[str, torch.device, None] = None) -> Optional[str]
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
         return f"the kernels use bf16 tensor cores: compute capability >= 8.0 needed, this GPU has {major}.{minor}"
+    return None
+
+
+def unsupported_sizes(feature_dim: int, head_dim: int) -> Optional[str]:
+    """None if the kernels handle feature dim F and value dim V, else the reason (F <= 32; V in 16..128, % 16)."""
+    if feature_dim > 32 or head_dim % 16 or not 16 <= head_dim <= 128:
+        return (f"the kernels support feature dim F <= 32 and value dim V a multiple of 16 in [16, 128]; "
+                f"this layer has F={feature_dim}, V={head_dim}")
     return None
 
 

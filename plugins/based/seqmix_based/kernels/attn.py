@@ -8,6 +8,7 @@ import torch
 from seqmix_based.kernels.attn_bwd import based_bwd, denominator_grad
 from seqmix_based.kernels.attn_fwd import based_fwd
 from seqmix_based.kernels.attn_parallel import parallel_bwd, parallel_fwd
+from seqmix_based.kernels import unsupported_sizes
 from seqmix_based.kernels.common import PARALLEL_MAX_T, KernelConfig, default_config
 
 BasedState = tuple[torch.Tensor, torch.Tensor]  # (kv_BHVE fp32, k_BHE fp32)
@@ -110,9 +111,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[Ba
         raise ValueError(f"based_attn wants q, k [B, T, H, F] and v [B, T, H, V]; got q {list(q.shape)}, "
                          f"k {list(k.shape)}, v {list(v.shape)}")
     F, V = q.shape[-1], v.shape[-1]
-    if F > 32 or V % 16 or not 16 <= V <= 128:
-        raise ValueError(f"based_attn supports feature dim F <= 32 and value dim V a multiple of 16 in "
-                         f"[16, 128]; got F={F}, V={V}. Use impl='linear' (the reference) for other sizes.")
+    why = unsupported_sizes(F, V)
+    if why is not None:
+        raise ValueError(f"based_attn: {why}. Use impl='linear' (the reference) for other sizes.")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"based_attn wants q, k, v of one dtype among fp32/fp16/bf16; got {q.dtype}, {k.dtype}, "
                         f"{v.dtype}")

@@ -1,0 +1,167 @@
+"""End-to-end training on the CPU through `recipes/pretrain.py`: ZeRO 1/2/3, two processes through the DeepSpeed
+launcher, resume after an interruption, NaN handling and the exported model directory.
+
+Every run is the tiny recipe shortened (64-token windows, 20 steps) in a subprocess, as a user would start it.
+The runs share one order of batches, so their loss curves must agree step for step."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed", reason="training needs the [train] extra (make install-test installs it)")
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = ROOT / "recipes" / "pretrain.py"
+FAST = ["data.seq_len=64", "optim.warmup_steps=2", "train.steps=20", "train.eval_every=10", "train.eval_batches=2",
+        "train.save_every=10", "log.progress=false"]
+RTOL = 1e-4  # loss agreement between ZeRO stages / world sizes (fp32; only reduction order differs)
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env["PYTHONWARNINGS"] = "ignore::FutureWarning"
+    env["OMP_NUM_THREADS"] = "1"  # tiny ops: threads only add overhead (and spin when the machine is busy)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def _run(run_dir: Path, cache: Path, *args: str, launcher=(), rc: int = 0) -> subprocess.CompletedProcess:
+    cmd = [*(launcher or [sys.executable]), str(PRETRAIN), "--recipe", "tiny", *FAST,
+           f"data.cache_dir={cache}", f"train.run_dir={run_dir}", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == rc, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def _metrics(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r["loss"] for r in recs if "loss" in r}
+    evals = {r["step"]: r["eval_loss"] for r in recs if "eval_loss" in r}
+    assert len(train) == sum("loss" in r for r in recs), "a step was logged twice"
+    return train, evals
+
+
+def _close(a: dict[int, float], b: dict[int, float], steps) -> None:
+    for s in steps:
+        assert a[s] == pytest.approx(b[s], rel=RTOL), f"step {s}: {a[s]} vs {b[s]}"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache) -> Path:
+    """20 uninterrupted steps at ZeRO-1, one process: the reference curve."""
+    run_dir = tmp_path_factory.mktemp("runs") / "straight"
+    _run(run_dir, cache, "zero.stage=1")
+    return run_dir
+
+
+def test_tiny_recipe_trains_and_exports_a_loadable_model(straight, cache):
+    from seqmix.checkpoint import from_pretrained
+    from seqmix.tokenizer import recorded_tokenizer
+    from seqmix.train.data import PackedTokens, get_batch, prepare_data
+    from seqmix.train.schema import load_recipe
+
+    losses, evals = _metrics(straight)
+    assert sorted(losses) == list(range(1, 21)) and sorted(evals) == [10, 20]
+    assert all(map(lambda v: v == v, losses.values()))
+    assert losses[1] > 5.0 and max(losses[18], losses[19], losses[20]) < losses[1] - 1.5  # from ~ln(257)
+    assert evals[20] < evals[10] < losses[1]
+    model_dir = straight / "model"
+    assert recorded_tokenizer(model_dir) == "bytes"
+    assert (straight / "recipe.yaml").is_file() and json.loads((straight / "ds_config.json").read_text())[
+        "gradient_accumulation_steps"] == 2
+    # The exported weights are the trained ones: their loss on the eval samples is the logged eval loss.
+    model = from_pretrained(model_dir)
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", FAST + [f"data.cache_dir={cache}"])
+    val = PackedTokens(prepare_data(recipe.data), "val", 64)
+    with torch.no_grad():
+        x, y = get_batch(val, list(range(16)))
+        loss = sum(model.loss(x[i:i + 4], y[i:i + 4]).item() for i in range(0, 16, 4)) / 4
+    assert loss == pytest.approx(evals[20], rel=1e-5)
+    assert len(list((straight / "checkpoints").glob("step*"))) == 2 and (straight / "checkpoints/latest").read_text() \
+        == "step00000020"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stages_2_and_3_give_the_same_loss_curve(straight, cache, tmp_path, stage):
+    from safetensors.torch import load_file
+
+    steps = 20 if stage == 3 else 10  # ZeRO-3 runs to the end: its export gathers partitioned parameters
+    _run(tmp_path / "run", cache, f"zero.stage={stage}", "--stop-after", str(steps))
+    losses, evals = _metrics(tmp_path / "run")
+    ref, ref_evals = _metrics(straight)
+    assert sorted(losses) == list(range(1, steps + 1))
+    _close(losses, ref, range(1, steps + 1))
+    _close(evals, ref_evals, [10])
+    if stage == 3:
+        a, b = load_file(tmp_path / "run/model/model.safetensors"), load_file(straight / "model/model.safetensors")
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in b)
+
+
+def test_two_processes_through_the_deepspeed_launcher_match_one(straight, cache, tmp_path):
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                "--master_port", str(_free_port())]
+    proc = _run(tmp_path / "run", cache, "zero.stage=2", "--stop-after", "10", launcher=launcher)
+    assert "world 2 x micro 4 x accum 1" in proc.stdout
+    losses, evals = _metrics(tmp_path / "run")
+    ref, ref_evals = _metrics(straight)
+    _close(losses, ref, range(1, 11))
+    _close(evals, ref_evals, [10])
+    assert len(list((tmp_path / "run/checkpoints/step00000010").glob("rng_rank*.pt"))) == 2
+
+
+def test_an_interrupted_run_resumes_on_the_same_curve(straight, cache, tmp_path):
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    _run(run_dir, cache, "zero.stage=1", "--stop-after", "10")
+    # A save that died half-way must never be picked up: it is ignored, then removed.
+    stale = run_dir / "checkpoints" / ".tmp-step00000015"
+    stale.mkdir()
+    (stale / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
+    proc = _run(run_dir, cache, "zero.stage=1")
+    assert "resuming" in proc.stdout and "from step 10" in proc.stdout and not stale.exists()
+    losses, evals = _metrics(run_dir)
+    ref, ref_evals = _metrics(straight)
+    assert sorted(losses) == list(range(1, 21))
+    for s in range(1, 21):  # same batches, same optimizer state, same RNG: the very same numbers
+        assert losses[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-6), f"step {s}: {losses[s]} vs {ref[s]}"
+    assert evals[20] == pytest.approx(ref_evals[20], rel=1e-6)
+    a, b = load_file(run_dir / "model/model.safetensors"), load_file(straight / "model/model.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in b)
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(cache, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _run(run_dir, cache, "optim.lr=1e30", "optim.min_lr=0", "optim.warmup_steps=0", "train.save_every=1",
+                rc=3)
+    err = " ".join(proc.stderr.split())
+    assert "loss is nan at step 2" in err and "step00000001" in err
+    assert (run_dir / "checkpoints/latest").read_text() == "step00000001"
+    assert not (run_dir / "checkpoints/step00000002").exists() and not (run_dir / "model").exists()
+
+
+def test_the_training_benchmark_prints_a_table(tmp_path):
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, str(ROOT / "kernels/bench/bench_train.py"), "--recipes", "tiny", "--seq-lens", "32",
+           "--tokens-per-step", "64", "--steps", "2", "--warmup", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| tiny | 32 | 2 | fp32 | 544,000 | 2 |" in proc.stdout
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["tokens_per_s"] > 0 and row["mfu"] is None and row["loss"] == row["loss"]
