@@ -209,7 +209,9 @@ def test_cuda_graph_tokens_equal_eager(dtype):
         again = model.generate(PROMPTS, max_new_tokens=N_NEW, cuda_graph=True, **kw)  # the cached graph
         assert torch.equal(eager, graphed) and torch.equal(graphed, again), kw
     if dtype == torch.float32:
-        cpu = tiny_model("based:feature_dim=4,conv:4,attn:4:2,swa:6,mamba:d_state=4,mlp")
+        # built on a GPU machine, auto picks the kernels, which refuse CPU tensors: ask for the references
+        cpu = tiny_model("based:linear:feature_dim=4,conv:4:impl=reference,attn:4:2,swa:6:impl=reference,"
+                         "mamba:d_state=4:conv_impl=reference,mlp")
         for b, p in enumerate(PROMPTS):
             assert_greedy_tokens(cpu, p, model.generate(p, max_new_tokens=N_NEW, temperature=0)[0].tolist(),
                                  torch.float32)
