@@ -30,17 +30,22 @@ def save_pretrained(model, directory: Union[str, Path]) -> Path:
         # Tied weights share storage; safetensors stores each tensor once, so drop the alias.
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        publish_dir(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Replace `final` by the finished folder `tmp` with renames only (the old folder goes once the new is in)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def load_config(directory: Union[str, Path]) -> ModelConfig:

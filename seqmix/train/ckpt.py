@@ -124,24 +124,12 @@ def load_checkpoint(engine, ckpt_dir: Path, rank: int) -> Optional[dict]:
     return client
 
 
-def _publish_dir(tmp: Path, final: Path) -> None:
-    """Replace `final` by `tmp` with renames only (the old folder is removed once the new one is in place)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def export_model(model, tokenizer_name: str, directory: Path, rank: int) -> Optional[Path]:
     """Collective. Write the fp32 master weights of `model` (a HybridLM inside a DeepSpeed engine, any ZeRO
     stage) as a seqmix model directory: config.json + model.safetensors + tokenizer_config.json."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from seqmix.checkpoint import save_pretrained
+    from seqmix.checkpoint import publish_dir, save_pretrained
     from seqmix.model import build_model
     from seqmix.tokenizer import save_tokenizer_config
 
@@ -165,7 +153,7 @@ def export_model(model, tokenizer_name: str, directory: Path, rank: int) -> Opti
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(fresh, tmp)
         save_tokenizer_config(tmp, tokenizer_name)
-        _publish_dir(tmp, directory)
+        publish_dir(tmp, directory)
         out = directory
     _barrier()
     return out
