@@ -1,4 +1,4 @@
-"""The `seqmix` command line: build (inspect/save a model from a spec), plugins (list the mixers), generate."""
+"""The `seqmix` command line: build (inspect/save a model from a spec), plugins, generate, convert (import checkpoints)."""
 from __future__ import annotations
 
 import json
@@ -270,3 +270,19 @@ def generate_cmd(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
     n = out.shape[1]
     click.echo(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s, prefill included]", err=True)
 
+
+@main.command(name="convert")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+def convert_cmd(src, dst) -> None:
+    """Import the published checkpoint in SRC (a Based-repo directory: config.json + pytorch_model.bin, for
+    the Based hybrids, their attention baselines and Mamba stacks) and write a seqmix model directory DST."""
+    from seqmix.checkpoint import save_pretrained
+    from seqmix.convert import convert_based_repo
+
+    try:
+        model = convert_based_repo(src)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(f"error: {e}")
+    out = save_pretrained(model, dst)
+    click.echo(f"wrote {out}: {model.config.spec} ({model.num_params():,} parameters)")
