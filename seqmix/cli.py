@@ -275,13 +275,14 @@ def generate_cmd(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 def convert_cmd(src, dst) -> None:
-    """Import the published checkpoint in SRC (a Based-repo directory: config.json + pytorch_model.bin, for
-    the Based hybrids, their attention baselines and Mamba stacks) and write a seqmix model directory DST."""
+    """Import the checkpoint in SRC and write a seqmix model directory DST. SRC is a Based-repo directory
+    (config.json + pytorch_model.bin: the Based hybrids, their attention baselines and Mamba stacks) or a
+    transformers save_pretrained directory of LlamaForCausalLM or MambaForCausalLM (read from config.json)."""
     from seqmix.checkpoint import save_pretrained
-    from seqmix.convert import convert_based_repo
+    from seqmix.convert import convert_checkpoint
 
     try:
-        model = convert_based_repo(src)
+        model = convert_checkpoint(src)
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(f"error: {e}")
     out = save_pretrained(model, dst)

@@ -24,7 +24,7 @@ import torch
 
 from seqmix.config import ModelConfig
 
-__all__ = ["convert_based_repo", "based_repo_model_config", "load_based_repo_state_dict", "ConversionError"]
+__all__ = ["convert_checkpoint", "convert_based_repo", "based_repo_model_config", "load_based_repo_state_dict", "ConversionError"]
 
 _LAYER = re.compile(r"blocks\.(\d+)\.(norm|mixer)\.(.+)")
 _ROPE_BASE = 10000.0  # the Based repo's rotary base (REFERENCE.md)
@@ -248,3 +248,19 @@ def convert_based_repo(src_dir: Union[str, Path], *, registry=None, dtype: Optio
     model.load_state_dict(_map_state_dict(model, sd, _is_mamba(sd), str(src_dir),
                                           float(cfg.get("rotary_emb_base", _ROPE_BASE))))
     return model.to(dtype) if dtype is not None else model
+
+
+def convert_checkpoint(src_dir: Union[str, Path], *, registry=None):
+    """A HybridLM holding the checkpoint in `src_dir`, its format read from config.json: `model_type`
+    "llama" (LlamaForCausalLM) or "mamba" (MambaForCausalLM) go through seqmix.convert_hf (no transformers
+    needed); a config with `n_layer` is read as a Based-repo checkpoint (convert_based_repo)."""
+    cfg = _read_config(src_dir)
+    model_type = cfg.get("model_type")
+    if model_type in ("llama", "mamba"):
+        from seqmix.convert_hf import convert_llama, convert_mamba_hf
+
+        return (convert_llama if model_type == "llama" else convert_mamba_hf)(src_dir, registry=registry)
+    if "n_layer" not in cfg:  # every Based-repo config states n_layer
+        raise ConversionError(f"config.json (model_type {model_type!r}) is neither a Based-repo config (no "
+                              f"n_layer) nor a transformers 'llama' or 'mamba' model; seqmix cannot import it")
+    return convert_based_repo(src_dir, registry=registry)
