@@ -130,7 +130,9 @@ class Mixer(nn.Module):
         return y[:, 0], state
 
     def state_bytes(self, batch_size: int, seqlen: int, dtype: torch.dtype = torch.float32) -> int:
-        return 0
+        """Bytes init_state allocates, measured on the meta device (nothing is allocated). A subclass may
+        override with a closed formula; the conformance suite checks it against the real allocation."""
+        return state_nbytes(self.init_state(batch_size, max_seqlen=seqlen, device="meta", dtype=dtype))
 
     def flops_per_token(self, seqlen: int) -> int:
         """Forward FLOPs (2 per multiply-add) for one token at context length `seqlen`."""

@@ -6,7 +6,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from seqmix.mixer import Arg, BlockContext, Mixer, State, resolve_heads, state_nbytes
+from seqmix.mixer import Arg, BlockContext, Mixer, State, resolve_heads
 from seqmix_based.naive import (
     BasedState,
     based_linear_ref,
@@ -169,10 +169,6 @@ class BasedLinearAttention(Mixer):
         q_BHF, k_BHF, v_BHV = self._qkv(x_BD)
         o_BHV = self._step(q_BHF, k_BHF, v_BHV, (state["kv"], state["k"]), eps=self.eps)
         return self.out_proj(o_BHV.reshape(B, D)), state
-
-    def state_bytes(self, batch_size, seqlen, dtype=torch.float32):
-        """Bytes of init_state: 4 * B * H * (V + 1) * E, whatever `seqlen` and `dtype` (the state is fp32)."""
-        return state_nbytes(self.init_state(batch_size, max_seqlen=seqlen, device="meta"))
 
     def flops_per_token(self, seqlen: int) -> int:
         """2 per multiply-add, the recurrent form (what inference runs), independent of `seqlen`:

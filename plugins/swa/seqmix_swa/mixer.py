@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.mixer import Arg, ArgError, BlockContext, Mixer, State, resolve_heads, state_nbytes
+from seqmix.mixer import Arg, ArgError, BlockContext, Mixer, State, resolve_heads
 from seqmix_kernels.backend import triton_unavailable
 from seqmix_kernels.rotary import rotary_ref
 
@@ -168,9 +168,6 @@ class SlidingWindowAttention(Mixer):
         o_B1HD = self._sdpa(q_B1HD, state["k"].to(q_B1HD.dtype), state["v"].to(v_B1HD.dtype), valid_B11W)
         pos_B.add_(1)
         return self.out_proj(o_B1HD.reshape(B, D)), state
-
-    def state_bytes(self, batch_size, seqlen, dtype=torch.float32):
-        return state_nbytes(self.init_state(batch_size, max_seqlen=seqlen, device="meta", dtype=dtype))
 
     def flops_per_token(self, seqlen: int) -> int:
         """2 per multiply-add: Wqkv (3d^2) + out_proj (d^2), then q.k and p.v over min(seqlen, W) keys (d each).
