@@ -208,8 +208,8 @@ main.add_command(plugins_cmd, name="mixers")
               help="Weights and activations (default: bfloat16 on CUDA, float32 on CPU).")
 def generate_cmd(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer_name, layers, d_model,
                  heads, device, dtype) -> None:
-    """Continue PROMPT with MODEL (a saved model directory, or a spec / named architecture with random
-    weights, for smoke tests and timing), streaming the text as it is produced."""
+    """Continue PROMPT with MODEL (a model directory, a Hugging Face hub name such as hazyresearch/based-360m,
+    or a spec / named architecture with random weights, for smoke tests and timing), streaming the text."""
     from pathlib import Path
 
     import torch
@@ -224,7 +224,7 @@ def generate_cmd(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
 
         is_dir = Path(model).is_dir()
         tok = get_tokenizer(tokenizer_name or (recorded_tokenizer(model) if is_dir else None) or "gpt2")
-        if is_dir:
+        if is_dir or "/" in model:  # a directory, or a hub name "org/name" (specs never hold a slash)
             from seqmix.checkpoint import from_pretrained
 
             lm = from_pretrained(model, device=device, dtype=dtype)
@@ -264,7 +264,7 @@ def generate_cmd(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
         click.echo((prompt if out.shape[1] == 0 else "") + tok.decode(generated)[len(shown[0]):], nl=False)
     except (SpecError, UnknownMixerError) as e:
         _fail(str(e))
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:
         _fail(f"error: {e}")
     click.echo("")
     n = out.shape[1]
@@ -272,18 +272,23 @@ def generate_cmd(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
 
 
 @main.command(name="convert")
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
-def convert_cmd(src, dst) -> None:
-    """Import the checkpoint in SRC and write a seqmix model directory DST. SRC is a Based-repo directory
-    (config.json + pytorch_model.bin: the Based hybrids, their attention baselines and Mamba stacks) or a
-    transformers save_pretrained directory of LlamaForCausalLM or MambaForCausalLM (read from config.json)."""
+@click.option("--revision", default=None, help="Branch, tag or commit, when SRC is a hub name.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Hugging Face cache to download into / read from (default: huggingface_hub's).")
+@click.option("--local-files-only", is_flag=True, help="Never download: use the Hugging Face cache only.")
+def convert_cmd(src, dst, revision, cache_dir, local_files_only) -> None:
+    """Import the checkpoint SRC (a directory or a Hugging Face hub name such as hazyresearch/based-360m) and
+    write a seqmix model directory DST. SRC is a Based-repo checkpoint (config.json + pytorch_model.bin: the
+    Based hybrids, their attention baselines and Mamba stacks) or a transformers save_pretrained directory of
+    LlamaForCausalLM or MambaForCausalLM (read from config.json); single or sharded weights."""
     from seqmix.checkpoint import save_pretrained
     from seqmix.convert import convert_checkpoint
 
     try:
-        model = convert_checkpoint(src)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        model = convert_checkpoint(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    except (ValueError, OSError, KeyError, ImportError) as e:
         _fail(f"error: {e}")
     out = save_pretrained(model, dst)
     click.echo(f"wrote {out}: {model.config.spec} ({model.num_params():,} parameters)")

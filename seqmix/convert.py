@@ -10,7 +10,8 @@ Which mixer a Based-repo layer holds: `alt_mixer_2_layers` (sliding window) is c
 checkpoint holds `mixer.Wqkv` for it (the attention baselines). The window convention differs: the Based
 repo's `window_size: w` lets a query see itself and the w//2 previous tokens, i.e. seqmix `swa:{w//2 + 1}`.
 
-Loading is safe: `.bin` files go through `torch.load(weights_only=True)`; safetensors is preferred when present.
+Loading is safe: `.bin` files go through `torch.load(weights_only=True)`; safetensors is preferred when present;
+sharded checkpoints (`*.index.json`) load like single files.
 """
 from __future__ import annotations
 
@@ -38,21 +39,14 @@ class ConversionError(ValueError):
 def load_based_repo_state_dict(src_dir: Union[str, Path]) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors with a leading `model.` stripped and `metrics` entries dropped.
 
-    Reads `model.safetensors` if present, else `pytorch_model.bin` with `torch.load(weights_only=True)`
-    (no pickled code is ever run)."""
-    src = Path(src_dir)
-    st, binf = src / "model.safetensors", src / "pytorch_model.bin"
-    if st.is_file():
-        from safetensors.torch import load_file
+    Reads model.safetensors or pytorch_model.bin, single or sharded (seqmix.checkpoint.read_weights; `.bin`
+    through `torch.load(weights_only=True)`, so no pickled code is ever run); a Lightning-style checkpoint's
+    `state_dict` is unwrapped."""
+    from seqmix.checkpoint import read_weights
 
-        raw = load_file(str(st))
-    elif binf.is_file():
-        raw = torch.load(str(binf), map_location="cpu", weights_only=True)
-        if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):  # a Lightning-style wrapper
-            raw = raw["state_dict"]
-    else:
-        raise FileNotFoundError(f"{src} holds neither model.safetensors nor pytorch_model.bin; "
-                                f"a Based-repo checkpoint directory has config.json and pytorch_model.bin")
+    raw = read_weights(src_dir)
+    if isinstance(raw.get("state_dict"), dict):  # a Lightning-style wrapper
+        raw = raw["state_dict"]
     out = {}
     for key, value in raw.items():
         if not isinstance(value, torch.Tensor) or "metrics" in key:
@@ -250,12 +244,20 @@ def convert_based_repo(src_dir: Union[str, Path], *, registry=None, dtype: Optio
     return model.to(dtype) if dtype is not None else model
 
 
-def convert_checkpoint(src_dir: Union[str, Path], *, registry=None):
-    """A HybridLM holding the checkpoint in `src_dir`, its format read from config.json: `model_type`
-    "llama" (LlamaForCausalLM) or "mamba" (MambaForCausalLM) go through seqmix.convert_hf (no transformers
-    needed); a config with `n_layer` is read as a Based-repo checkpoint (convert_based_repo)."""
+def convert_checkpoint(src: Union[str, Path], *, registry=None, revision: Optional[str] = None,
+                       cache_dir: Optional[Union[str, Path]] = None, local_files_only: bool = False):
+    """A HybridLM holding the checkpoint in `src`, a directory or a Hugging Face hub name "org/name" (fetched
+    by seqmix.checkpoint.resolve_model_dir with `revision`, `cache_dir`, `local_files_only`). The format is read
+    from config.json: `model_type` "llama" (LlamaForCausalLM) or "mamba" (MambaForCausalLM) go through
+    seqmix.convert_hf (no transformers needed); "seqmix" is loaded as saved; a config with `n_layer` is read as a
+    Based-repo checkpoint (convert_based_repo)."""
+    from seqmix.checkpoint import from_pretrained, resolve_model_dir
+
+    src_dir = resolve_model_dir(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     cfg = _read_config(src_dir)
     model_type = cfg.get("model_type")
+    if model_type == "seqmix":
+        return from_pretrained(src_dir, registry=registry)
     if model_type in ("llama", "mamba"):
         from seqmix.convert_hf import convert_llama, convert_mamba_hf
 

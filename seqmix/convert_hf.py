@@ -21,6 +21,7 @@ from typing import Any, Union
 
 import torch
 
+from seqmix.checkpoint import read_weights
 from seqmix.config import ModelConfig
 from seqmix.convert import ConversionError
 
@@ -43,26 +44,7 @@ def load_hf_checkpoint(src: Source) -> tuple[dict[str, Any], dict[str, torch.Ten
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path / 'config.json'} not found: pass a directory written by save_pretrained")
     cfg = json.loads((path / "config.json").read_text())
-    return cfg, _read_weights(path)
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    def load_bin(f: Path) -> dict[str, torch.Tensor]:
-        return torch.load(str(f), map_location="cpu", weights_only=True)
-
-    for single, index, load in (("model.safetensors", "model.safetensors.index.json", load_file),
-                                ("pytorch_model.bin", "pytorch_model.bin.index.json", load_bin)):
-        if (path / single).is_file():
-            return dict(load(path / single))
-        if (path / index).is_file():
-            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
-            out: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                out.update(load(path / shard))
-            return out
-    raise FileNotFoundError(f"{path} holds no model.safetensors, pytorch_model.bin or a sharded index of either")
+    return cfg, read_weights(path)
 
 
 def _refuse(cfg: dict[str, Any], what: str, **want: Any) -> None:
