@@ -5,7 +5,8 @@ After the import, a directory written by `HybridLM.save_pretrained` loads with
 beam search, left-padded batches). The wrapper holds the HybridLM as `.model`; its states travel between
 generate's forward calls in a `SeqmixCache`, one seqmix state per block, allocated once for the whole
 generation (`_prepare_cache_for_generation` knows the final length). Decode steps (one token with a cache)
-go through `HybridLM.step`; prefill through the parallel forward with the states returned.
+go through `HybridLM.step`, CUDA-graphed on a GPU; prefill through the parallel forward with the states
+returned.
 
 Left padding is exact: rows with the same number of real tokens are run as one unpadded batch, so no pad
 token ever enters a state (the outputs at padded positions are zeros). This module imports transformers;
@@ -17,12 +18,19 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
+import transformers
+from packaging.version import Version
 
-from seqmix.config import ModelConfig
-from seqmix.model import HybridLM
+if Version(transformers.__version__) < Version("5.24"):  # generate passes the cache as `cache` from 5.24 on
+    raise ImportError(f"seqmix.hf needs transformers >= 5.24, found {transformers.__version__}: "
+                      f"pip install -U 'transformers>=5.24'")
+
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel  # noqa: E402
+from transformers.cache_utils import Cache  # noqa: E402
+from transformers.modeling_outputs import ModelOutput  # noqa: E402
+
+from seqmix.config import ModelConfig  # noqa: E402
+from seqmix.model import HybridLM  # noqa: E402
 
 __all__ = ["SeqmixConfig", "SeqmixForCausalLM", "SeqmixCache", "SeqmixCausalLMOutput", "register"]
 
@@ -67,20 +75,44 @@ class SeqmixConfig(PreTrainedConfig):
 class SeqmixCache(Cache):
     """seqmix's per-block states for transformers' generate: allocated once for `max_length` tokens.
 
-    `states[i]` is block i's state (a dict of tensors with the batch first, or None for stateless blocks);
-    they are updated in place by decode steps. `get_seq_length()` counts the tokens seen so far.
+    `states[i]` is block i's state (a dict of tensors with the batch first, or None for stateless blocks).
+    On CUDA (cuda_graph=None means: when the model is on a GPU) the one-token decode step is captured in a
+    CUDA graph over these buffers, as seqmix's own generate does; prefill results are copied into them and
+    beam reordering permutes them in place. `get_seq_length()` counts the tokens seen so far.
     """
 
     is_compileable = False
 
-    def __init__(self, model: HybridLM, batch_size: int, max_length: int, *, device=None, dtype=None):
+    def __init__(self, model: HybridLM, batch_size: int, max_length: int, *, cuda_graph: Optional[bool] = None):
         super().__init__(layers=[])
-        from seqmix.generate import check_length
+        from seqmix.generate import DecodeStep, check_length
 
         check_length(model, max_length, 0)
-        self.states = model.init_states(batch_size, max_length, device=device, dtype=dtype)
+        on_cuda = model.embed.weight.device.type == "cuda"
+        cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+        self.decoder: Optional[DecodeStep] = None
+        if cuda_graph:  # the decode step is captured once, over this cache's own state buffers
+            with torch.no_grad():
+                self.decoder = DecodeStep(model, batch_size, max_length, cuda_graph=True)
+            self.states = self.decoder.states
+        else:
+            self.states = model.init_states(batch_size, max_length)
         self.max_length = max_length
         self.seen_tokens = 0
+
+    def step(self, token_B: torch.Tensor) -> torch.Tensor:
+        """One decode step for every row (states updated in place); logits [B, vocab_size]."""
+        return self.decoder(token_B).clone()  # a graph returns its static output buffer
+
+    def update_states(self, new_states: list) -> None:
+        """Make `new_states` (returned by a forward) the cache's states (copied into a graph's buffers)."""
+        if self.decoder is None:
+            self.states = new_states
+            return
+        for old, new in zip(self.states, new_states):
+            for k, v in (old or {}).items():
+                if new[k] is not v:
+                    v.copy_(new[k])
 
     def __len__(self) -> int:
         return len(self.states)
@@ -119,13 +151,17 @@ class SeqmixCache(Cache):
         return [False] * len(self.states)
 
     def _map(self, fn) -> None:
+        """Replace every state tensor by fn(tensor); a CUDA graph captured over the old buffers is dropped."""
+        self.decoder = None
         for s in self.states:
             for k, v in (s or {}).items():
                 s[k] = fn(v)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row b of every state becomes row beam_idx[b]."""
-        self._map(lambda v: v.index_select(0, beam_idx.to(v.device)))
+        """Beam search: row b of every state becomes row beam_idx[b] (in place, so a captured graph stays valid)."""
+        for s in self.states:
+            for v in (s or {}).values():
+                v.copy_(v.index_select(0, beam_idx.to(v.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map(lambda v: v.repeat_interleave(repeats, dim=0))
@@ -134,7 +170,9 @@ class SeqmixCache(Cache):
         self._map(lambda v: v[indices.to(v.device)])
 
     def reset(self) -> None:
-        self._map(torch.zero_)
+        for s in self.states:
+            for v in (s or {}).values():
+                v.zero_()
         self.seen_tokens = 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -214,8 +252,11 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
         if mask_BT is not None and bool(mask_BT.all()):
             mask_BT = None
         if cache is not None and T == 1 and cache.seen_tokens > 0 and mask_BT is None:
-            logits, _ = self.model.step(input_ids[:, 0], cache.states)  # states updated in place
-            h_logits = logits[:, None]
+            if cache.decoder is not None:
+                h_logits = cache.step(input_ids[:, 0])[:, None]  # CUDA-graphed on GPU
+            else:
+                logits, cache.states = self.model.step(input_ids[:, 0], cache.states)
+                h_logits = logits[:, None]
         else:
             states = None if cache is None else cache.states
             if mask_BT is None:
@@ -224,7 +265,7 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
             else:
                 h_BTD, new = self._hidden_left_padded(input_ids, mask_BT, states, cache)
             if cache is not None:
-                cache.states = new
+                cache.update_states(new)
             h_BTD = h_BTD[:, -logits_to_keep:] if logits_to_keep else h_BTD
             h_logits = torch.nn.functional.linear(h_BTD, self.model.head_weight())[..., : self.config.vocab_size]
         if cache is not None:

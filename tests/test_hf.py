@@ -153,13 +153,23 @@ def test_from_hybrid_shares_parameters(saved):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_bf16_generate_matches_seqmix(saved):
-    """On a GPU (kernels picked by `auto`), bf16: transformers' generate equals seqmix's eager generate."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_generate_matches_seqmix(saved, dtype):
+    """On a GPU (kernels picked by `auto`, decode step CUDA-graphed in the SeqmixCache): transformers' generate
+    equals seqmix's CUDA-graph generate, and (fp32) beam search and a left-padded batch equal recomputation."""
     path = saved[1]
-    auto = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda").eval()
-    native = HybridLM.from_pretrained(path, device="cuda", dtype=torch.bfloat16).eval()
-    assert auto.model.embed.weight.dtype == torch.bfloat16 and auto.device.type == "cuda"
+    auto = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cuda").eval()
+    native = HybridLM.from_pretrained(path, device="cuda", dtype=dtype).eval()
+    assert auto.model.embed.weight.dtype == dtype and auto.device.type == "cuda"
     ids = tokens().cuda()
     out = auto.generate(ids, max_new_tokens=NEW, do_sample=False)
-    want = native.generate(ids, max_new_tokens=NEW, temperature=0, cuda_graph=False)
-    assert torch.equal(out[:, T:], want)
+    assert torch.equal(out[:, T:], native.generate(ids, max_new_tokens=NEW, temperature=0, cuda_graph=True))
+    if dtype == torch.float32:
+        beams = dict(max_new_tokens=NEW, num_beams=3, do_sample=False)
+        assert torch.equal(auto.generate(ids, **beams), auto.generate(ids, use_cache=False, **beams))
+        rows, padded, mask = left_padded([5, 17, 11])
+        got = auto.generate(padded.cuda(), attention_mask=mask.cuda(), max_new_tokens=NEW, do_sample=False,
+                            pad_token_id=0)
+        for i, r in enumerate(rows):
+            alone = native.generate(r[None].cuda(), max_new_tokens=NEW, temperature=0)[0]
+            assert torch.equal(got[i, padded.shape[1]:], alone), f"row {i}"
