@@ -145,13 +145,15 @@ class Mixer(nn.Module):
         return {"reference": None}
 
     def resolve_impl(self, impl: str, preference: tuple[str, ...],
-                     avail: Optional[dict[str, Optional[str]]] = None) -> str:
+                     avail: Optional[dict[str, Optional[str]]] = None, *, reference: str = "reference") -> str:
         """Choose the implementation once, at construction, for this machine (CUDA if it has one).
 
         `auto` takes the first name in `preference` that can run; an explicit name that cannot run raises an
         error that says why and lists those that can. `avail` overrides `available_impls(device)` where a layer's
-        own sizes rule a path out. The choice is logged once, at debug level.
+        own sizes rule a path out. `reference` is the pure-PyTorch twin that `impl_for` uses under `auto` for
+        tensors off CUDA. The choice is logged once, at debug level.
         """
+        self._impl_asked, self._impl_reference = impl, reference
         device = "cuda" if torch.cuda.is_available() else "cpu"
         avail = self.available_impls(device) if avail is None else avail
         if impl == "auto":
@@ -168,6 +170,14 @@ class Mixer(nn.Module):
             chosen = impl
         _log.debug("%s layer %d: impl=%s (asked %s)", self.name, self.ctx.layer_idx, chosen, impl)
         return chosen
+
+    def impl_for(self, x: torch.Tensor) -> str:
+        """The implementation for tensors like `x`: `self.impl` on CUDA, or whenever it was named explicitly;
+        under impl=auto, tensors on other devices (a CPU copy of a model built on a GPU machine) take the
+        reference twin."""
+        from seqmix_kernels.backend import impl_for
+
+        return impl_for(self.impl, self._impl_asked, x, self._impl_reference)
 
     def extra_repr(self) -> str:
         return self.spec_repr()

@@ -131,3 +131,34 @@ def test_hybrid_stack_conformance_on_cuda_with_kernels(dtype):
     model = check_model_conformance("based,swa:16,conv,attn,mamba,mlp", dtype=dtype, device="cuda", d_model=64)
     impls = {b.mixer.name: getattr(b.mixer, "impl", None) for b in model.blocks}
     assert impls["based"] == "parallel" and impls["swa"] == "triton" and impls["conv"] == "triton"
+
+
+def test_auto_kernels_send_cpu_tensors_to_the_references(monkeypatch):
+    """A model built where CUDA is visible resolves `auto` to the kernels, yet a CPU copy of it must run (through
+    the reference twins) and give what a model built on a CPU machine gives. Explicit kernel names stay kernels."""
+    pytest.importorskip("triton")
+    spec = "based,swa:5,conv,mamba,mlp"
+    cfg = resolve_model(spec, d_model=64, n_heads=4, vocab_size=97)
+    cpu_built = build_model(cfg).eval()
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        gpu_built = build_model(cfg).eval()
+    impls = {b.mixer.name: b.mixer.impl for b in gpu_built.blocks if hasattr(b.mixer, "impl")}
+    assert impls["based"] == "parallel" and impls["swa"] == "triton" and impls["conv"] == "triton"
+    assert gpu_built.blocks[3].mixer.conv_impl == "triton"
+    gpu_built.load_state_dict(cpu_built.state_dict())
+    ids = torch.randint(0, 97, (3, 21))
+    with torch.no_grad():
+        want = cpu_built(ids)
+        assert torch.equal(gpu_built(ids), want)
+        states = gpu_built.init_states(3, 32)
+        _, states = gpu_built(ids[:, :-1], states, return_states=True)
+        logits, _ = gpu_built.step(ids[:, -1], states)
+    torch.testing.assert_close(logits, want[:, -1], rtol=1e-4, atol=1e-4)
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        explicit = build_model(resolve_model("based:parallel,mlp", d_model=64, n_heads=4, vocab_size=97))
+    with pytest.raises((RuntimeError, ValueError), match="(?i)cuda"):
+        explicit(ids)

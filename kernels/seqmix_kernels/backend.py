@@ -1,7 +1,9 @@
 """Which implementation of an op can run where: the Triton kernels (CUDA, or Triton's CPU interpreter) or the reference.
 
 Mixers call `resolve_impl` once, at construction: "auto" is the Triton path on a machine with a CUDA device and
-triton installed, the PyTorch reference elsewhere. Nothing here imports triton.
+triton installed, the PyTorch reference elsewhere. At call time `impl_for` sends tensors that are not on a CUDA
+device (a CPU copy of a model built on a GPU machine) to the reference when "auto" was asked; an explicitly
+named kernel is never swapped. Nothing here imports triton.
 """
 from __future__ import annotations
 
@@ -63,6 +65,12 @@ def resolve_impl(impl: str, what: str) -> str:
             raise RuntimeError(f"{what}: impl='triton' cannot run on this machine: {why}. "
                                f"Use impl='auto' or impl='reference'.")
     return impl
+
+
+def impl_for(resolved: str, asked: str, x: torch.Tensor, reference: str = "reference") -> str:
+    """The implementation to run on `x`: `resolved` (from resolve_impl) for CUDA tensors or when `asked` named one
+    explicitly; under "auto", tensors on any other device take `reference`."""
+    return resolved if asked != "auto" or x.is_cuda else reference
 
 
 def check_device(what: str, *tensors: Optional[torch.Tensor]) -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from seqmix.mixer import Arg, BlockContext, Mixer
-from seqmix_kernels.backend import IMPLS, available_impls, resolve_impl
+from seqmix_kernels.backend import IMPLS, available_impls, impl_for, resolve_impl
 from seqmix_kernels.short_conv import short_conv_fns
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class BaseConv(Mixer):
         for arg in self.spec_args:  # direct construction gets the same checks as spec text
             arg.convert(self.args[arg.name])
         self.impl = resolve_impl(impl, "conv")
-        self._conv, self._conv_step = short_conv_fns(self.impl)  # the fused op; the same signature on both paths
+        self._fns = {i: short_conv_fns(i) for i in {self.impl, "reference"}}  # (conv, step); one signature
         logger.debug("conv layer %d: impl=%s (asked %s)", ctx.layer_idx, self.impl, impl)
         D = ctx.d_model
         self.inner = expand * D
@@ -46,7 +46,8 @@ class BaseConv(Mixer):
     def forward(self, x_BTD, *, state=None, return_state=False):
         u_BTC, gate_BTC = self.in_proj(x_BTD).chunk(2, dim=-1)
         conv_state = None if state is None else state["conv"]
-        c_BTC, new_conv = self._conv(u_BTC, self.conv_weight, state_BCK=conv_state, activation="silu",
+        conv, _ = self._fns[impl_for(self.impl, self.args["impl"], x_BTD)]
+        c_BTC, new_conv = conv(u_BTC, self.conv_weight, state_BCK=conv_state, activation="silu",
                                      gate_BTC=gate_BTC)  # silu(conv(u)) * gate, fused
         y_BTD = self.out_proj(c_BTC)
         if not return_state:
@@ -61,7 +62,8 @@ class BaseConv(Mixer):
 
     def step(self, x_BD, state):
         u_BC, gate_BC = self.in_proj(x_BD).chunk(2, dim=-1)
-        c_BC = self._conv_step(u_BC, state["conv"], self.conv_weight, activation="silu", gate_BC=gate_BC)
+        _, conv_step = self._fns[impl_for(self.impl, self.args["impl"], x_BD)]
+        c_BC = conv_step(u_BC, state["conv"], self.conv_weight, activation="silu", gate_BC=gate_BC)
         return self.out_proj(c_BC), state
 
     def state_bytes(self, batch_size, seqlen, dtype=torch.float32):

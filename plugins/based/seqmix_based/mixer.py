@@ -102,13 +102,7 @@ class BasedLinearAttention(Mixer):
         avail = self.available_impls("cuda" if torch.cuda.is_available() else "cpu")
         if avail["parallel"] is None:  # the kernels handle F <= 32 and V in 16..128 (multiple of 16)
             avail["parallel"] = unsupported_sizes(feature_dim, self.head_dim)
-        self.impl = self.resolve_impl(impl, ("parallel", "linear"), avail)
-        self._view = VIEWS[self.impl]
-        self._step = based_step_ref
-        if self.impl == "parallel":  # decode with the Triton step kernel too (in place, CUDA-graph safe)
-            from seqmix_based.kernels import based_step
-
-            self._step = based_step
+        self.impl = self.resolve_impl(impl, ("parallel", "linear"), avail, reference="linear")
         HF = self.n_heads * feature_dim
         self.proj_q = nn.Linear(D, HF, bias=False)  # D -> H*F
         self.proj_k = nn.Linear(D, HF, bias=False)  # D -> H*F
@@ -140,7 +134,7 @@ class BasedLinearAttention(Mixer):
         B, T, D = x_BTD.shape
         q_BTHF, k_BTHF, v_BTHV = self._qkv(x_BTD)
         init = None if state is None else (state["kv"], state["k"])
-        o_BTHV, final = self._view(q_BTHF, k_BTHF, v_BTHV, initial_state=init, output_final_state=return_state,
+        o_BTHV, final = VIEWS[self.impl_for(x_BTD)](q_BTHF, k_BTHF, v_BTHV, initial_state=init, output_final_state=return_state,
                                    chunk_size=self.chunk_size, eps=self.eps)
         y_BTD = self.out_proj(o_BTHV.reshape(B, T, D))
         if not return_state:
@@ -167,7 +161,10 @@ class BasedLinearAttention(Mixer):
         if state is None:
             state = self.init_state(B, max_seqlen=1, device=x_BD.device)
         q_BHF, k_BHF, v_BHV = self._qkv(x_BD)
-        o_BHV = self._step(q_BHF, k_BHF, v_BHV, (state["kv"], state["k"]), eps=self.eps)
+        step = based_step_ref
+        if self.impl_for(x_BD) == "parallel":  # decode with the Triton step kernel too (in place, graph safe)
+            from seqmix_based.kernels import based_step as step
+        o_BHV = step(q_BHF, k_BHF, v_BHV, (state["kv"], state["k"]), eps=self.eps)
         return self.out_proj(o_BHV.reshape(B, D)), state
 
     def flops_per_token(self, seqlen: int) -> int:

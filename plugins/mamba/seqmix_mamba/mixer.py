@@ -10,7 +10,7 @@ from torch import nn
 
 from seqmix.mixer import Arg, BlockContext, Mixer, State
 from seqmix_kernels.backend import IMPLS as CONV_IMPLS
-from seqmix_kernels.backend import resolve_impl
+from seqmix_kernels.backend import impl_for, resolve_impl
 from seqmix_kernels.short_conv import short_conv_fns
 from seqmix_mamba.naive import selective_scan_chunked, selective_scan_ref, selective_state_step_ref
 
@@ -60,7 +60,7 @@ class Mamba(Mixer):
         self.chunk_size = chunk_size
         self.impl = "chunked" if impl == "auto" else impl
         self.conv_impl = resolve_impl(conv_impl, "mamba conv")
-        self._conv, self._conv_step = short_conv_fns(self.conv_impl)
+        self._conv_fns = {i: short_conv_fns(i) for i in {self.conv_impl, "reference"}}  # (conv, step)
         logger.debug("mamba layer %d: scan impl=%s (asked %s), conv impl=%s", ctx.layer_idx, self.impl, impl,
                      self.conv_impl)
 
@@ -103,7 +103,8 @@ class Mamba(Mixer):
     def forward(self, x_BTD: torch.Tensor, *, state: State = None, return_state: bool = False):
         x_BTE, z_BTE = self.in_proj(x_BTD).chunk(2, dim=-1)
         conv_BEK = None if state is None else state["conv"]
-        u_BTE, new_conv_BEK = self._conv(x_BTE, self._conv_weight(), self.conv1d.bias, state_BCK=conv_BEK,
+        conv, _ = self._conv_fns[impl_for(self.conv_impl, self.args["conv_impl"], x_BTD)]
+        u_BTE, new_conv_BEK = conv(x_BTE, self._conv_weight(), self.conv1d.bias, state_BCK=conv_BEK,
                                          activation="silu")
         dt_BTE, B_BTN, C_BTN, A_EN = self._ssm_inputs(u_BTE)
         h0_BEN = None if state is None else state["ssm"]
@@ -131,7 +132,8 @@ class Mamba(Mixer):
     def step(self, x_BD: torch.Tensor, state: State):
         """One token; updates state["conv"] and state["ssm"] in place."""
         x_BE, z_BE = self.in_proj(x_BD).chunk(2, dim=-1)
-        u_BE = self._conv_step(x_BE, state["conv"], self._conv_weight(), self.conv1d.bias, activation="silu")
+        _, conv_step = self._conv_fns[impl_for(self.conv_impl, self.args["conv_impl"], x_BD)]
+        u_BE = conv_step(x_BE, state["conv"], self._conv_weight(), self.conv1d.bias, activation="silu")
         dt_BE, B_BN, C_BN, A_EN = self._ssm_inputs(u_BE)
         y_BE = selective_state_step_ref(state["ssm"], u_BE.float(), dt_BE, A_EN, B_BN, C_BN, self.D)
         return self.out_proj((y_BE * F.silu(z_BE.float())).to(x_BD.dtype)), state

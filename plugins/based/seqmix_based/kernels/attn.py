@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from seqmix_kernels.backend import check_device
 
 from seqmix_based.kernels.attn_bwd import based_bwd, denominator_grad
 from seqmix_based.kernels.attn_fwd import based_fwd
@@ -110,6 +111,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[Ba
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"based_attn wants q, k [B, T, H, F] and v [B, T, H, V]; got q {list(q.shape)}, "
                          f"k {list(k.shape)}, v {list(v.shape)}")
+    check_device("based_attn", q, k, v)
     F, V = q.shape[-1], v.shape[-1]
     why = unsupported_sizes(F, V)
     if why is not None:

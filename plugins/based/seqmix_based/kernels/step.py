@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from seqmix_kernels.backend import check_device
 
 
 @triton.jit
@@ -73,6 +74,7 @@ def based_step(
     Returns o_BHV in v's dtype. Any F, any V <= 256; no host sync, so it is CUDA-graph safe.
     """
     kv_BHVE, k_BHE = state
+    check_device("based_step", q_BHF, k_BHF, v_BHV, kv_BHVE, k_BHE)
     B, H, F = q_BHF.shape
     V = v_BHV.shape[-1]
     E = 1 + F + F * F
