@@ -27,6 +27,10 @@ def _env() -> dict:
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     env["PYTHONWARNINGS"] = "ignore::FutureWarning"
     env["OMP_NUM_THREADS"] = "1"  # tiny ops: threads only add overhead (and spin when the machine is busy)
+    # These tests check the CPU path CI runs. On a GPU machine keep them there too: a 2-rank run must not ask
+    # for 2 GPUs the machine may not have, and the 1-rank reference must run where the 2-rank one does.
+    env["DS_ACCELERATOR"] = "cpu"
+    env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 

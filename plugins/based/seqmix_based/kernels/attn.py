@@ -111,7 +111,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[Ba
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"based_attn wants q, k [B, T, H, F] and v [B, T, H, V]; got q {list(q.shape)}, "
                          f"k {list(k.shape)}, v {list(v.shape)}")
-    check_device("based_attn", q, k, v)
     F, V = q.shape[-1], v.shape[-1]
     why = unsupported_sizes(F, V)
     if why is not None:
@@ -125,3 +124,4 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[Ba
         if tuple(state[0].shape) != (B, H, V, E) or tuple(state[1].shape) != (B, H, E):
             raise ValueError(f"initial_state must be (kv [B, H, V, E]={[B, H, V, E]}, k [B, H, E]={[B, H, E]}); "
                              f"got {list(state[0].shape)} and {list(state[1].shape)}")
+    check_device("based_attn", q, k, v)
