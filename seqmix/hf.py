@@ -14,6 +14,7 @@ token ever enters a state (the outputs at padded positions are zeros). This modu
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -34,11 +35,9 @@ from seqmix.model import HybridLM  # noqa: E402
 
 __all__ = ["SeqmixConfig", "SeqmixForCausalLM", "SeqmixCache", "SeqmixCausalLMOutput", "register"]
 
-_FIELDS = ("spec", "d_model", "n_heads", "vocab_size", "pad_vocab_multiple", "max_seqlen", "norm_eps", "init_std")
-
-
 class SeqmixConfig(PreTrainedConfig):
-    """A seqmix ModelConfig as a transformers config (the same keys in config.json, model_type "seqmix")."""
+    """A seqmix ModelConfig as a transformers config (the same keys in config.json, model_type "seqmix");
+    the fields below mirror seqmix.config.ModelConfig (tests/test_hf.py checks they round-trip)."""
 
     model_type = "seqmix"
     attribute_map = {"hidden_size": "d_model", "num_attention_heads": "n_heads"}
@@ -65,7 +64,7 @@ class SeqmixConfig(PreTrainedConfig):
         return len(parse_spec(self.spec))
 
     def to_model_config(self) -> ModelConfig:
-        return ModelConfig(**{k: getattr(self, k) for k in _FIELDS}, tie_embeddings=self.tie_embeddings)
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
 
     @classmethod
     def from_model_config(cls, config: ModelConfig) -> "SeqmixConfig":
@@ -193,7 +192,6 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = SeqmixConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _supports_param_buffer_assignment = False
 
     def __init__(self, config: SeqmixConfig, model: Optional[HybridLM] = None):
         super().__init__(config)

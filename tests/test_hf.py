@@ -52,6 +52,12 @@ def test_auto_classes_load_a_seqmix_directory(saved, auto):
     config = transformers.AutoConfig.from_pretrained(path)
     assert isinstance(config, SeqmixConfig) and config.spec == model.config.spec
     assert config.to_model_config() == model.config
+    import dataclasses
+
+    from seqmix.config import ModelConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    assert {k: getattr(SeqmixConfig(), k) for k in fields if k != "spec"} == {k: v for k, v in fields.items() if k != "spec"}
     assert isinstance(auto, SeqmixForCausalLM)
     ids = tokens()
     with torch.no_grad():
