@@ -12,6 +12,7 @@ for tests); y comes back in u's dtype, the state in the compute dtype.
 from typing import Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 def _scan_inputs(u_BTE, dt_BTE, A_EN, B_BTN, C_BTN, D_E, initial_state_BEN):
@@ -93,25 +94,33 @@ def selective_scan_chunked(
     and the last one is carried into the next chunk. Every exponent is <= 0 (the masked entries are 0
     before exp and zeroed after), so it is stable for any dt * A. The segment sums of dt are shared by
     all N state indices, as A is constant in time.
-    Memory: O(B * E * N * L^2) per chunk (the decay matrix), vs O(B * E * N) for the sequential form.
+    Memory: O(B * E * N * L^2) per chunk (the decay matrix), vs O(B * E * N) for the sequential form. When a
+    gradient is needed each chunk is recomputed in the backward (activation checkpointing), so autograd keeps
+    only the chunk inputs and the carried [B, E, N] states, not the decay matrices of every chunk.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     u, dt, A, Bm, Cm, D, h_BEN = _scan_inputs(u_BTE, dt_BTE, A_EN, B_BTN, C_BTN, D_E, initial_state_BEN)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, dt, A, Bm, Cm, h_BEN))
     ys = []
     for c0 in range(0, u.shape[1], chunk_size):
-        u_BLE, dt_BLE = u[:, c0:c0 + chunk_size], dt[:, c0:c0 + chunk_size]
-        B_BLN, C_BLN = Bm[:, c0:c0 + chunk_size], Cm[:, c0:c0 + chunk_size]
-        dt_BEL = dt_BLE.transpose(1, 2)
-        # [b, e, n, t, s]: decay from step s to step t; exp(0) = 1 above the diagonal, zeroed by tril
-        decay_BENLL = torch.tril(torch.exp(A[None, :, :, None, None] * _segsum(dt_BEL)[:, :, None]))
-        decay_from_start_BENL = torch.exp(A[None, :, :, None] * torch.cumsum(dt_BEL, -1)[:, :, None])
-        xin_BENL = torch.einsum("ble,bln->benl", dt_BLE * u_BLE, B_BLN)  # dt_s * B_s * u_s
-        h_BENL = torch.einsum("bents,bens->bent", decay_BENLL, xin_BENL) + decay_from_start_BENL * h_BEN[..., None]
-        ys.append(torch.einsum("bent,btn->bte", h_BENL, C_BLN))
-        h_BEN = h_BENL[..., -1]
+        args = (u[:, c0:c0 + chunk_size], dt[:, c0:c0 + chunk_size], A, Bm[:, c0:c0 + chunk_size],
+                Cm[:, c0:c0 + chunk_size], h_BEN)
+        y_BLE, h_BEN = checkpoint(_scan_chunk, *args, use_reentrant=False) if grad else _scan_chunk(*args)
+        ys.append(y_BLE)
     y_BTE = torch.cat(ys, 1) if ys else u.new_zeros(u.shape)
     return (y_BTE + D * u).to(u_BTE.dtype), h_BEN.contiguous()
+
+
+def _scan_chunk(u_BLE, dt_BLE, A_EN, B_BLN, C_BLN, h_BEN):
+    """One chunk of selective_scan_chunked: (y_BLE without the D skip, the state after its last step)."""
+    dt_BEL = dt_BLE.transpose(1, 2)
+    # [b, e, n, t, s]: decay from step s to step t; exp(0) = 1 above the diagonal, zeroed by tril
+    decay_BENLL = torch.tril(torch.exp(A_EN[None, :, :, None, None] * _segsum(dt_BEL)[:, :, None]))
+    decay_from_start_BENL = torch.exp(A_EN[None, :, :, None] * torch.cumsum(dt_BEL, -1)[:, :, None])
+    xin_BENL = torch.einsum("ble,bln->benl", dt_BLE * u_BLE, B_BLN)  # dt_s * B_s * u_s
+    h_BENL = torch.einsum("bents,bens->bent", decay_BENLL, xin_BENL) + decay_from_start_BENL * h_BEN[..., None]
+    return torch.einsum("bent,btn->bte", h_BENL, C_BLN), h_BENL[..., -1]
 
 
 def selective_state_step_ref(

@@ -71,6 +71,28 @@ def test_chunked_scan_extreme_decay_has_finite_gradients():
         assert_close(g, g_ref, torch.float32, f"d/d{name} chunked vs sequential")
 
 
+def test_chunked_scan_keeps_no_decay_matrices_for_backward():
+    """Autograd must hold the chunk inputs and carried states only: less than ONE chunk's [B, E, N, L, L] decay
+    matrix (without recomputation it would hold one per chunk, 8 here), and the gradients must still match."""
+    g = torch.Generator().manual_seed(3)
+    Bsz, T, E, N, L = 2, 256, 32, 8, 32
+    u, dt = torch.randn(Bsz, T, E, generator=g), torch.rand(Bsz, T, E, generator=g) * 0.1 + 0.01
+    A, Bm, Cm, D = -torch.rand(E, N, generator=g), torch.randn(Bsz, T, N, generator=g), torch.randn(
+        Bsz, T, N, generator=g), torch.randn(E, generator=g)
+    inputs = [t.clone().requires_grad_() for t in (u, dt, A, Bm, Cm, D)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        y, h = selective_scan_chunked(*inputs, chunk_size=L)
+    assert sum(saved) < Bsz * E * N * L * L * 4
+    (y.square().sum() + h.sum()).backward()
+    ref = [t.clone().requires_grad_() for t in (u, dt, A, Bm, Cm, D)]
+    y_ref, h_ref = selective_scan_ref(*ref)
+    (y_ref.square().sum() + h_ref.sum()).backward()
+    for got, want in zip(inputs, ref):
+        assert_close(got.grad, want.grad, torch.float32, "gradient")
+
+
 def test_state_step_matches_scan_in_place():
     u, dt, A, Bm, Cm, D, h0 = scan_inputs(T=20)
     y_ref, h_ref = selective_scan_ref(u, dt, A, Bm, Cm, D, initial_state_BEN=h0)
