@@ -164,8 +164,8 @@ def load_config(directory: PathLike) -> ModelConfig:
 
 # -- hub names ----------------------------------------------------------------------------------------
 _REPO_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]*[A-Za-z0-9_]")
-_SAFETENSORS_FILES = [CONFIG_NAME, WEIGHTS_NAME, "model-*.safetensors", WEIGHTS_INDEX_NAME]
-_BIN_FILES = [CONFIG_NAME, BIN_NAME, "pytorch_model-*.bin", BIN_INDEX_NAME]
+_SAFETENSORS_FILES = [CONFIG_NAME, "tokenizer_config.json", WEIGHTS_NAME, "model-*.safetensors", WEIGHTS_INDEX_NAME]
+_BIN_FILES = [CONFIG_NAME, "tokenizer_config.json", BIN_NAME, "pytorch_model-*.bin", BIN_INDEX_NAME]
 
 
 def resolve_model_dir(name_or_path: PathLike, *, revision: Optional[str] = None, cache_dir: Optional[PathLike] = None,

@@ -223,8 +223,12 @@ def generate_cmd(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
         from seqmix.tokenizer import get_tokenizer, recorded_tokenizer
 
         is_dir = Path(model).is_dir()
+        if not is_dir and "/" in model:  # a hub name "org/name" (specs never hold a slash): fetch it first
+            from seqmix.checkpoint import resolve_model_dir
+
+            model, is_dir = str(resolve_model_dir(model)), True
         tok = get_tokenizer(tokenizer_name or (recorded_tokenizer(model) if is_dir else None) or "gpt2")
-        if is_dir or "/" in model:  # a directory, or a hub name "org/name" (specs never hold a slash)
+        if is_dir:
             from seqmix.checkpoint import from_pretrained
 
             lm = from_pretrained(model, device=device, dtype=dtype)
