@@ -3,10 +3,8 @@
 Used by the kernel tests of seqmix-kernels and of the plugins (pytest is not needed to import this module):
 
     kernel_mod, = import_kernel_modules("seqmix_kernels.triton_ops.short_conv")   # at test-module import
-    @pytest.fixture(autouse=True)
-    def _interpreter(monkeypatch): use_interpreter(monkeypatch)                    # during each test
-    @pytest.fixture(autouse=True)
-    def _poison(monkeypatch): poison_allocations(monkeypatch, kernel_mod)          # NaN in every torch.empty
+    _kernel_env = kernel_test_fixture(kernel_mod)   # each test: the interpreter on CPU, NaN in every torch.empty
+    DTYPES = kernel_dtypes()                        # fp32, fp16, and bf16 on a GPU only
 
 Triton reads TRITON_INTERPRET when @triton.jit runs (the import of a kernel module) and again at launch; it is
 set around those two moments only, so other tests in the same process are not affected.
@@ -18,6 +16,7 @@ import importlib.util
 import math
 import os
 from types import ModuleType
+from typing import Optional
 
 import torch
 
@@ -73,3 +72,25 @@ def poison_allocations(monkeypatch, *modules: ModuleType) -> None:
     """Make every torch.empty / empty_like of these modules NaN-filled, so an output a kernel skips shows up."""
     for m in modules:
         monkeypatch.setattr(m, "torch", _NaNTorch())
+
+
+def kernel_test_fixture(*modules: Optional[ModuleType]):
+    """An autouse pytest fixture for a kernel test module (assign it to a module-level name): during each test the
+    interpreter is on where there is no GPU (`use_interpreter`) and the allocations of `modules` are NaN-filled
+    (`poison_allocations`; None entries, from a missing triton, are skipped)."""
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def _kernel_test_env(monkeypatch):
+        use_interpreter(monkeypatch)
+        poison_allocations(monkeypatch, *[m for m in modules if m is not None])
+
+    return _kernel_test_env
+
+
+def kernel_dtypes() -> list:
+    """fp32, fp16 and bf16 for pytest.mark.parametrize; bf16 is skipped without a GPU (BF16_SKIP_REASON)."""
+    import pytest
+
+    return [torch.float32, torch.float16,
+            pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not HAS_CUDA, reason=BF16_SKIP_REASON))]

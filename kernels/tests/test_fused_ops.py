@@ -10,30 +10,19 @@ from seqmix.testing import assert_close
 from seqmix_kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from seqmix_kernels.rmsnorm import rms_norm_residual_ref
 from seqmix_kernels.rotary import rotary_ref
-from seqmix_kernels.testing import (BF16_SKIP_REASON, DEVICE, HAS_CUDA, HAS_TRITON, import_kernel_modules,
-                                    poison_allocations, use_interpreter)
+from seqmix_kernels.testing import (DEVICE, HAS_CUDA, HAS_TRITON, import_kernel_modules, kernel_dtypes,
+                                    kernel_test_fixture)
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
 norm_mod, rot_mod = import_kernel_modules("seqmix_kernels.triton_ops.rmsnorm",
                                           "seqmix_kernels.triton_ops.rotary") or (None, None)
-DTYPES = [torch.float32, torch.float16,
-          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not HAS_CUDA, reason=BF16_SKIP_REASON))]
+DTYPES = kernel_dtypes()
+_kernel_env = kernel_test_fixture(norm_mod, rot_mod)
 
 
 def gpu(test):
     """Mark a test as a GPU test: run by `pytest -m gpu` on a CUDA machine, skipped with a reason elsewhere."""
     return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    use_interpreter(monkeypatch)
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    if HAS_TRITON:
-        poison_allocations(monkeypatch, norm_mod, rot_mod)
 
 
 def leaves(*tensors):

@@ -14,24 +14,13 @@ from seqmix.builtins.conv import BaseConv
 from seqmix.mixer import BlockContext
 from seqmix.testing import assert_close, check_mixer_conformance
 from seqmix_kernels.short_conv import short_conv_ref, short_conv_step_ref
-from seqmix_kernels.testing import (BF16_SKIP_REASON, DEVICE, HAS_CUDA, HAS_TRITON, import_kernel_modules,
-                                    poison_allocations, use_interpreter)
+from seqmix_kernels.testing import (DEVICE, HAS_CUDA, HAS_TRITON, import_kernel_modules, kernel_dtypes,
+                                    kernel_test_fixture)
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
 (sc,) = import_kernel_modules("seqmix_kernels.triton_ops.short_conv") or (None,)
-DTYPES = [torch.float32, torch.float16,
-          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not HAS_CUDA, reason=BF16_SKIP_REASON))]
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    use_interpreter(monkeypatch)
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    if sc is not None:
-        poison_allocations(monkeypatch, sc)
+DTYPES = kernel_dtypes()
+_kernel_env = kernel_test_fixture(sc)
 
 
 @pytest.fixture(autouse=True)

@@ -4,70 +4,27 @@ On a machine without CUDA the kernels run under the Triton interpreter on small 
 the full matrix (F in {8, 16, 24}, V in {16, 48, 64, 112, 128}, fp32/fp16/bf16) on a CUDA device.
 Every buffer the launchers allocate is filled with NaN first, so an output element the kernels skip fails.
 """
-import importlib.util
-import math
-import os
-
 import pytest
 import torch
 
+from seqmix_based.kernels import is_available
 from seqmix_based.naive import based_linear_ref, based_step_ref, expanded_dim
+from seqmix_kernels.testing import DEVICE, HAS_CUDA, HAS_TRITON, import_kernel_modules, kernel_test_fixture
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
-
-if HAS_TRITON:
-    if not HAS_CUDA:
-        # No GPU: run the kernels under the Triton interpreter. triton reads the flag when @triton.jit runs (at
-        # the import of the kernel modules, and of triton itself) and again at launch: it is set around this
-        # import and, by the `interpreter` fixture, during this module's tests, not for other modules.
-        _saved = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from seqmix_based.kernels import attn, attn_bwd, attn_fwd, attn_parallel, is_available, step
-        from seqmix_based.kernels.common import KernelConfig
-    finally:
-        if not HAS_CUDA and _saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        elif not HAS_CUDA:
-            os.environ["TRITON_INTERPRET"] = _saved
+# No GPU: the kernel modules are imported (and run) under the Triton interpreter.
+_MODULES = ("attn", "attn_bwd", "attn_fwd", "attn_parallel", "step", "common")
+attn, attn_bwd, attn_fwd, attn_parallel, step, common = (
+    import_kernel_modules(*(f"seqmix_based.kernels.{m}" for m in _MODULES)) or [None] * len(_MODULES))
+KernelConfig = common.KernelConfig if HAS_TRITON else None
+_kernel_env = kernel_test_fixture(attn_fwd, attn_bwd, attn_parallel, step)  # interpreter, NaN-filled allocations
 
 # Relative error ||x - ref|| / ||ref|| against the reference (fp32 math) on the same (rounded) inputs. fp32 dots are
 # exact (ieee); fp16 runs its dots in tf32; bf16 rounds the dot operands (and the state) to bf16.
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 # several chunks, V blocks and chunks per program even at T = 63
 SMALL = {p: KernelConfig(16, 16, 4, num_stages=2, chunks_per_program=2)
-         for p in ("state", "out", "dstate", "dq", "dkv")}
-
-
-@pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    if HAS_TRITON and not HAS_CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture(autouse=True)
-def poison_allocations(monkeypatch):
-    """Every torch.empty / empty_like in the launchers returns NaNs: unwritten outputs cannot pass."""
-    if not HAS_TRITON:
-        return
-
-    class NaNTorch:
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        @staticmethod
-        def empty(*args, **kwargs):
-            return torch.empty(*args, **kwargs).fill_(math.nan)
-
-        @staticmethod
-        def empty_like(*args, **kwargs):
-            return torch.empty_like(*args, **kwargs).fill_(math.nan)
-
-    for module in (attn_fwd, attn_bwd, attn_parallel, step):
-        monkeypatch.setattr(module, "torch", NaNTorch())
+         for p in ("state", "out", "dstate", "dq", "dkv")} if HAS_TRITON else {}
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -9,26 +9,15 @@ import torch
 
 from seqmix.mixer import BlockContext
 from seqmix.testing import assert_close, check_mixer_conformance
-from seqmix_kernels.testing import (BF16_SKIP_REASON, DEVICE, HAS_CUDA, HAS_TRITON, import_kernel_modules,
-                                    poison_allocations, use_interpreter)
+from seqmix_kernels.testing import (DEVICE, HAS_CUDA, HAS_TRITON, import_kernel_modules, kernel_dtypes,
+                                    kernel_test_fixture)
 from seqmix_swa.mixer import SlidingWindowAttention
 from seqmix_swa.naive import swa_ref
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
 (kernel,) = import_kernel_modules("seqmix_swa.kernel") or (None,)
-DTYPES = [torch.float32, torch.float16,
-          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not HAS_CUDA, reason=BF16_SKIP_REASON))]
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    use_interpreter(monkeypatch)
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    if kernel is not None:
-        poison_allocations(monkeypatch, kernel)
+DTYPES = kernel_dtypes()
+_kernel_env = kernel_test_fixture(kernel)
 
 
 def compare(B, T, H, D, W, dtype, seed=0):
