@@ -33,11 +33,7 @@ def prompt_list(
             if mask_BT.shape != ids_BT.shape:
                 raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the shape of "
                                  f"input_ids {tuple(input_ids.shape)}")
-            m = mask_BT.to(torch.int64).cpu()
-            if ((m != 0) & (m != 1)).any() or (m[:, 1:] < m[:, :-1]).any():
-                raise ValueError("attention_mask must be 0 for left padding and 1 for the prompt tokens after "
-                                 "it (a 0 after a 1 means right padding: put the padding on the left)")
-            lengths = m.sum(1).tolist()
+            lengths = left_pad_lengths(mask_BT)
         rows = [ids_BT[b, ids_BT.shape[1] - n:] for b, n in enumerate(lengths)]
     else:
         seqs = list(input_ids)
@@ -61,6 +57,16 @@ def prompt_list(
     return rows
 
 
+def left_pad_lengths(mask_BT: torch.Tensor) -> list[int]:
+    """Real tokens per row of a left-padding attention mask [B, T]: 0 for the padding, then 1 for the tokens."""
+    m = mask_BT.to(torch.int64).cpu()
+    if ((m != 0) & (m != 1)).any() or (m[:, 1:] < m[:, :-1]).any():
+        raise ValueError("attention_mask must be 0 for left padding and 1 for the prompt tokens after it (a 0 "
+                         "after a 1 means right padding: put the padding on the left, tokenizer.padding_side = "
+                         "'left')")
+    return m.sum(1).tolist()
+
+
 def check_length(model, prompt_len: int, max_new_tokens: int) -> None:
     """Models with a KV cache (state kind "cache") support at most config.max_seqlen tokens in all."""
     cache_blocks = [i for i, b in enumerate(model.blocks) if b.mixer.state_kind == "cache"]
@@ -82,32 +88,42 @@ def last_logits(model, h_BD: torch.Tensor) -> torch.Tensor:
     return F.linear(h_BD, model.head_weight())[..., : model.config.vocab_size]
 
 
-def prefill(model, prompts: list[torch.Tensor], states: list, *, max_tokens: int = 16384) -> torch.Tensor:
-    """Run every prompt through the parallel forward and leave its final state in its row of `states`.
+def prefill_chunks(model, prompts: list[torch.Tensor], states: Optional[list], *, max_tokens: int = 16384):
+    """Run every non-empty prompt through the parallel forward and leave its final state in its row of `states`.
 
-    Prompts of equal length form one unpadded batch (so no padding ever enters a state); each forward
-    sees at most `max_tokens` tokens (rows, then time chunks with the state carried, bound the memory).
-    `states` come from model.init_states(len(prompts), ...) and are fresh (zero). Returns the logits
-    after each prompt's last token [B, vocab_size].
+    Prompts of equal length L form one unpadded batch (so no padding ever enters a state); each forward sees
+    at most `max_tokens` tokens (rows, then time chunks with the state carried, bound the memory). `states`
+    (one entry per block, batch = len(prompts), fresh) may be None when no state is wanted. Yields, per
+    forward, (row indices idx_G, the chunk's first position t0 in the prompt, L, hidden states h_GtD).
     """
     lengths = [int(p.numel()) for p in prompts]
-    out_BV: Optional[torch.Tensor] = None
-    for L in sorted(set(lengths)):
+    for L in sorted(set(lengths) - {0}):
         rows = [b for b, n in enumerate(lengths) if n == L]
         per = max(1, max_tokens // L)
         for i in range(0, len(rows), per):
             idx_G = torch.tensor(rows[i:i + per], device=prompts[0].device)
             tokens_GL = torch.stack([prompts[b] for b in rows[i:i + per]])
-            group = [None if s is None else {k: v[idx_G] for k, v in s.items()} for s in states]
+            group = None if states is None else [None if s is None else {k: v[idx_G] for k, v in s.items()}
+                                                 for s in states]
             for t0 in range(0, L, max_tokens):
-                h_GTD, group = model.hidden(tokens_GL[:, t0:t0 + max_tokens], group, return_states=True)
-            for s, g in zip(states, group):
+                h_GtD, group = model.hidden(tokens_GL[:, t0:t0 + max_tokens], group, return_states=True)
+                yield idx_G, t0, L, h_GtD
+            for s, g in zip(states or (), group):
                 for k, v in (s or {}).items():
                     v[idx_G] = g[k]
-            logits_GV = last_logits(model, h_GTD[:, -1])
-            if out_BV is None:
-                out_BV = logits_GV.new_empty(len(prompts), logits_GV.shape[-1])
-            out_BV[idx_G] = logits_GV
+
+
+def prefill(model, prompts: list[torch.Tensor], states: list, *, max_tokens: int = 16384) -> torch.Tensor:
+    """`prefill_chunks` over non-empty prompts into fresh `states` (model.init_states(len(prompts), ...)).
+    Returns the logits after each prompt's last token [B, vocab_size]."""
+    out_BV: Optional[torch.Tensor] = None
+    for idx_G, t0, L, h_GtD in prefill_chunks(model, prompts, states, max_tokens=max_tokens):
+        if t0 + h_GtD.shape[1] < L:
+            continue
+        logits_GV = last_logits(model, h_GtD[:, -1])
+        if out_BV is None:
+            out_BV = logits_GV.new_empty(len(prompts), logits_GV.shape[-1])
+        out_BV[idx_G] = logits_GV
     return out_BV
 
 

@@ -279,22 +279,13 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None and cache.seen_tokens > 0:
             raise ValueError("padding in a continuation is not supported: pad prompts on the left, before the "
                              "first forward")
-        m = mask_BT.to(torch.int64)
-        if bool((m[:, 1:] < m[:, :-1]).any()):
-            raise ValueError("attention_mask has a 0 after a 1 (right or inner padding); seqmix needs the "
-                             "padding on the left (tokenizer.padding_side = 'left')")
-        lengths = m.sum(1).tolist()
+        from seqmix.generate import left_pad_lengths, prefill_chunks
+
         B, T = ids_BT.shape
+        rows = [ids_BT[b, T - n:] for b, n in enumerate(left_pad_lengths(mask_BT))]
         h_BTD = torch.zeros(B, T, self.config.d_model, device=ids_BT.device, dtype=self.model.embed.weight.dtype)
-        for L in sorted(set(lengths) - {0}):
-            idx_G = torch.tensor([b for b, n in enumerate(lengths) if n == L], device=ids_BT.device)
-            group = None if states is None else [None if s is None else {k: v[idx_G] for k, v in s.items()}
-                                                 for s in states]
-            h_GLD, group = self.model.hidden(ids_BT[idx_G, T - L:], group, return_states=True)
-            h_BTD[idx_G, T - L:] = h_GLD.to(h_BTD.dtype)
-            for s, g in zip(states or (), group):
-                for k, v in (s or {}).items():
-                    v[idx_G] = g[k]
+        for idx_G, t0, L, h_GtD in prefill_chunks(self.model, rows, states, max_tokens=B * T):  # one forward per L
+            h_BTD[idx_G, T - L + t0:T - L + t0 + h_GtD.shape[1]] = h_GtD.to(h_BTD.dtype)
         return h_BTD, states
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
