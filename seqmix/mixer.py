@@ -8,6 +8,8 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import nn
 
+from seqmix_kernels.backend import impl_for as _impl_for
+
 _log = logging.getLogger("seqmix.mixer")
 
 # A mixer's decode state: named tensors (so CUDA graphs can update them in place), or None (stateless).
@@ -175,9 +177,7 @@ class Mixer(nn.Module):
         """The implementation for tensors like `x`: `self.impl` on CUDA, or whenever it was named explicitly;
         under impl=auto, tensors on other devices (a CPU copy of a model built on a GPU machine) take the
         reference twin."""
-        from seqmix_kernels.backend import impl_for
-
-        return impl_for(self.impl, self._impl_asked, x, self._impl_reference)
+        return _impl_for(self.impl, self._impl_asked, x, self._impl_reference)
 
     def extra_repr(self) -> str:
         return self.spec_repr()

@@ -103,6 +103,11 @@ class BasedLinearAttention(Mixer):
         if avail["parallel"] is None:  # the kernels handle F <= 32 and V in 16..128 (multiple of 16)
             avail["parallel"] = unsupported_sizes(feature_dim, self.head_dim)
         self.impl = self.resolve_impl(impl, ("parallel", "linear"), avail, reference="linear")
+        self._step_kernel = None
+        if self.impl == "parallel":  # decode with the Triton step kernel too (in place, CUDA-graph safe)
+            from seqmix_based.kernels import based_step
+
+            self._step_kernel = based_step
         HF = self.n_heads * feature_dim
         self.proj_q = nn.Linear(D, HF, bias=False)  # D -> H*F
         self.proj_k = nn.Linear(D, HF, bias=False)  # D -> H*F
@@ -161,9 +166,7 @@ class BasedLinearAttention(Mixer):
         if state is None:
             state = self.init_state(B, max_seqlen=1, device=x_BD.device)
         q_BHF, k_BHF, v_BHV = self._qkv(x_BD)
-        step = based_step_ref
-        if self.impl_for(x_BD) == "parallel":  # decode with the Triton step kernel too (in place, graph safe)
-            from seqmix_based.kernels import based_step as step
+        step = self._step_kernel if self.impl_for(x_BD) == "parallel" else based_step_ref
         o_BHV = step(q_BHF, k_BHF, v_BHV, (state["kv"], state["k"]), eps=self.eps)
         return self.out_proj(o_BHV.reshape(B, D)), state
 

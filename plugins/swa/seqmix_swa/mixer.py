@@ -70,6 +70,11 @@ class SlidingWindowAttention(Mixer):
         if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
             raise ArgError(f"rotary_dim must be even and in [0, head dim {self.head_dim}], got {self.rotary_dim}")
         self.impl = self._select_impl(impl)
+        self._kernel = None
+        if self.impl == "triton":  # imports triton; only on this path
+            from seqmix_swa.kernel import swa_attn
+
+            self._kernel = swa_attn
         self.Wqkv = nn.Linear(D, 3 * D, bias=False)  # D -> [Q | K | V], each H heads of Dh
         self.out_proj = nn.Linear(D, D, bias=False)
         nn.init.normal_(self.Wqkv.weight, std=ctx.init_std)
@@ -110,9 +115,7 @@ class SlidingWindowAttention(Mixer):
         if state is None:  # fresh sequence: the T x T band
             q_BTHD, k_BTHD, v_BTHD = self._qkv(x_BTD, 0)
             if self.impl_for(x_BTD) == "triton":
-                from seqmix_swa.kernel import swa_attn  # imports triton; only on this path
-
-                o_BTHD = swa_attn(q_BTHD, k_BTHD, v_BTHD, W)
+                o_BTHD = self._kernel(q_BTHD, k_BTHD, v_BTHD, W)
             else:
                 o_BTHD = self._sdpa(q_BTHD, k_BTHD, v_BTHD, band_mask(t_T[None], t_T[None], W))
             if return_state:
