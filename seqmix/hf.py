@@ -199,6 +199,14 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loader, then `auto` implementations re-resolved for where it put the weights (it assigns
+        them in place, which is not a move the mixers see)."""
+        out = super().from_pretrained(*args, **kwargs)
+        (out[0] if isinstance(out, tuple) else out).model.select_impls()
+        return out
+
+    @classmethod
     def from_hybrid(cls, model: HybridLM) -> "SeqmixForCausalLM":
         """Wrap an existing HybridLM (shares its parameters)."""
         return cls(SeqmixConfig.from_model_config(model.config), model=model)

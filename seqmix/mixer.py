@@ -1,14 +1,15 @@
 """The mixer contract: the one interface every sequence/channel mixer (built-in or plugin) implements."""
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 from torch import nn
 
-from seqmix_kernels.backend import impl_for as _impl_for
+from seqmix_kernels.backend import triton_unavailable
 
 _log = logging.getLogger("seqmix.mixer")
 
@@ -80,6 +81,41 @@ class Arg:
         return f"{self.name}:{self.type.__name__}={d}"
 
 
+def runs_anywhere(device: torch.device) -> Optional[str]:
+    """The availability check of a pure-PyTorch implementation: it runs on every device."""
+    return None
+
+
+def triton_kernel(device: torch.device) -> Optional[str]:
+    """The availability check of a Triton kernel: None on a CUDA device with triton installed (or under
+    Triton's CPU interpreter, for tests), else what is missing."""
+    return triton_unavailable(device)
+
+
+IMPL_ROLES = ("kernel", "reference", "view")
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One entry of a mixer's implementation table (`Mixer.impls`: name -> Impl).
+
+    role: "kernel" = a GPU kernel (`auto` takes the first one that can run on the layer's CUDA device);
+        "reference" = the pure-PyTorch path `auto` takes otherwise (one per table); "view" = another
+        pure-PyTorch path, used only when asked for by name (based:quadratic).
+    unavailable(device): None if it can run on `device`, else what is missing (one sentence for an error).
+    fits(mixer): None if this layer's sizes are supported, else why not (a kernel's head-dim limit).
+    load(): its entry points, imported only when it is chosen; the mixer reads them as `self.ops[arg]`.
+    """
+
+    role: str = "reference"
+    unavailable: Callable[[torch.device], Optional[str]] = runs_anywhere
+    fits: Optional[Callable[["Mixer"], Optional[str]]] = None
+    load: Optional[Callable[[], Any]] = None
+
+    def why_not(self, mixer: "Mixer", device: torch.device) -> Optional[str]:
+        return self.unavailable(device) or (self.fits(mixer) if self.fits is not None else None)
+
+
 @dataclass(frozen=True)
 class BlockContext:
     """What a mixer knows about the model it sits in."""
@@ -96,13 +132,39 @@ class BlockContext:
         return self.init_std / (self.n_blocks ** 0.5)
 
 
-class Mixer(nn.Module):
-    """Base class. Subclasses set the ClassVars, accept `(ctx, **spec_args)` and implement the methods.
+class MixerMeta(type):
+    """Constructs mixers: binds and validates the declared args, runs `__init__`, then picks the implementations.
+
+    `Cls(ctx, *args, **kwargs)` binds positional values in the order of `spec_args`, fills every declared arg's
+    default, validates each with `Arg.convert`, sets `self.args` (the one copy) and calls
+    `__init__(ctx, **args)` with all of them; after `__init__` every implementation arg is resolved once.
+    """
+
+    def __call__(cls, ctx: BlockContext, *args: Any, **kwargs: Any):
+        validate_mixer_class(cls, once=True)
+        bound = cls.bind_args(args, kwargs)
+        self = cls.__new__(cls)
+        object.__setattr__(self, "args", bound)  # readable from __init__ (set before nn.Module's own init)
+        snapshot = dict(bound)
+        self.__init__(ctx, **bound)
+        if self.__dict__.get("args") is not bound or bound != snapshot:
+            raise TypeError(f"mixer {cls.name!r}: __init__ changed self.args; the Mixer base sets it from the "
+                            f"declared Args (remove the assignment; keep derived values in other attributes)")
+        self._select_impls(self._device(), moved=False)
+        return self
+
+
+class Mixer(nn.Module, metaclass=MixerMeta):
+    """Base class of every mixer. A subclass sets the ClassVars, accepts `(ctx, **spec_args)` in `__init__`
+    (calling `super().__init__(ctx)` first) and implements the contract below; the base does the bookkeeping:
+    `self.args` (every declared arg, validated), `self.impl` (the implementation chosen from `impls`, once per
+    device: `auto` is re-resolved when the module moves) and `self.ops["impl"]` (what that Impl loaded).
 
     Shapes: x_BTD is [batch, time, d_model]; x_BD is one token per sequence.
     Semantics every implementation must honour (checked by `seqmix.testing`):
       * forward(x, state=None) equals forward(x, state=init_state(B, max_seqlen=T)).
-      * forward(x2, state=forward(x1, return_state=True)[1]) equals forward(cat(x1, x2))[:, T1:].
+      * forward(x2, state=forward(x1, return_state=True)[1]) equals forward(cat(x1, x2))[:, T1:]; a given state
+        is updated in place and returned.
       * step(x_t, state) equals forward at position t; step may update state in place.
       * state_bytes(B, T, dtype) equals the bytes init_state(B, max_seqlen=T, dtype=dtype) allocates.
     """
@@ -111,6 +173,13 @@ class Mixer(nn.Module):
     spec_args: ClassVar[tuple[Arg, ...]] = ()
     state_kind: ClassVar[str] = "none"
     description: ClassVar[str] = ""
+    impls: ClassVar[dict[str, Impl]] = {"reference": Impl()}
+    """The implementations of the `impl` arg (the mixer declares `Arg("impl", str, "auto", choices=("auto",
+    *impls))`); a mixer without an `impl` arg runs its reference."""
+    extra_impls: ClassVar[dict[str, dict[str, Impl]]] = {}
+    """Tables for further implementation args (mamba's `conv_impl`), resolved the same way into self.<arg>."""
+
+    args: dict[str, Any]
 
     def __init__(self, ctx: BlockContext):
         super().__init__()
@@ -140,51 +209,136 @@ class Mixer(nn.Module):
         """Forward FLOPs (2 per multiply-add) for one token at context length `seqlen`."""
         return 2 * sum(p.numel() for p in self.parameters() if p.dim() >= 2)
 
-    # -- implementations --------------------------------------------------------------------------
+    # -- the bookkeeping --------------------------------------------------------------------------
+    @classmethod
+    def bind_args(cls, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Every declared arg by name: positional values in declaration order, then keywords, then defaults;
+        each validated (None stays None where the default is None: "inherit from the model")."""
+        declared = [a.name for a in cls.spec_args]
+        if len(args) > len(declared):
+            raise TypeError(f"mixer {cls.name!r} takes {len(declared)} args ({', '.join(declared) or 'none'}), "
+                            f"got {len(args)} positional")
+        given = dict(zip(declared, args))
+        for k, v in kwargs.items():
+            if k not in declared:
+                raise TypeError(f"mixer {cls.name!r} has no arg {k!r}; its args: {', '.join(declared) or 'none'}")
+            if k in given:
+                raise TypeError(f"mixer {cls.name!r}: arg {k!r} given twice")
+            given[k] = v
+        bound = {}
+        for a in cls.spec_args:
+            v = given.get(a.name, a.default)
+            bound[a.name] = None if v is None and a.default is None else a.convert(v)
+        return bound
+
+    @classmethod
+    def impl_tables(cls) -> dict[str, dict[str, Impl]]:
+        """Implementation arg name -> its table (`impl` -> `impls`, plus `extra_impls`)."""
+        return {"impl": cls.impls, **cls.extra_impls}
+
     @classmethod
     def available_impls(cls, device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
         """Map of implementation name -> None if it can run on `device`, else the reason it cannot."""
-        return {"reference": None}
+        dev = torch.device(device)
+        return {n: i.unavailable(dev) for n, i in cls.impls.items()}
 
-    def resolve_impl(self, impl: str, preference: tuple[str, ...],
-                     avail: Optional[dict[str, Optional[str]]] = None, *, reference: str = "reference") -> str:
-        """Choose the implementation once, at construction, for this machine (CUDA if it has one).
+    def _device(self) -> Optional[torch.device]:
+        t = next(iter(self.parameters()), None)
+        t = next(iter(self.buffers()), None) if t is None else t
+        return None if t is None else t.device
 
-        `auto` takes the first name in `preference` that can run; an explicit name that cannot run raises an
-        error that says why and lists those that can. `avail` overrides `available_impls(device)` where a layer's
-        own sizes rule a path out. `reference` is the pure-PyTorch twin that `impl_for` uses under `auto` for
-        tensors off CUDA. The choice is logged once, at debug level.
-        """
-        self._impl_asked, self._impl_reference = impl, reference
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        avail = self.available_impls(device) if avail is None else avail
-        if impl == "auto":
-            chosen = next((n for n in preference if avail.get(n, "unknown") is None), None)
+    def _select_impls(self, device: Optional[torch.device], *, moved: bool) -> None:
+        """Set self.<arg> and self.ops[arg] for every implementation arg. `auto` resolves against the layer's
+        device (a meta or parameterless layer: this machine's); a named implementation is checked once, at
+        construction, against this machine and never swapped."""
+        machine = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None or device.type == "meta":
+            device = machine
+        ops = dict(getattr(self, "ops", {}))
+        for arg, table in self.impl_tables().items():
+            asked = self.args.get(arg, "auto")
+            if moved and asked != "auto":
+                continue
+            chosen = self._choose(arg, table, asked, device if asked == "auto" else machine)
+            if chosen == self.__dict__.get(arg) and arg in ops:
+                continue
+            object.__setattr__(self, arg, chosen)
+            ops[arg] = table[chosen].load() if table[chosen].load is not None else None
+            if arg in self.args:
+                _log.debug("%s layer %d: %s=%s (asked %s%s)", self.name, self.ctx.layer_idx, arg, chosen, asked,
+                           f", moved to {device}" if moved else "")
+        object.__setattr__(self, "ops", ops)
+
+    def _choose(self, arg: str, table: dict[str, Impl], asked: str, device: torch.device) -> str:
+        if asked == "auto":  # kernels only for a CUDA layer (never Triton's CPU interpreter), then the reference
+            order = [n for n, i in table.items() if i.role == "kernel" and device.type == "cuda"]
+            order += [n for n, i in table.items() if i.role == "reference"]
+            reasons = {n: table[n].why_not(self, device) for n in order}
+            chosen = next((n for n in order if reasons[n] is None), None)
             if chosen is None:
-                raise RuntimeError(f"{self.name}: no implementation can run on {device}: {avail}")
-        elif impl not in avail:
-            raise ArgError(f"{self.name} impl must be one of auto, {', '.join(avail)}; got {impl!r}")
-        elif avail[impl] is not None:
-            runnable = ", ".join(["auto"] + [k for k, why in avail.items() if why is None])
-            raise RuntimeError(f"{self.name} impl={impl!r} cannot run on this machine ({device}): {avail[impl]}. "
+                raise RuntimeError(f"{self.name}: no {arg} can run on {device}: {reasons}")
+            return chosen
+        why = table[asked].why_not(self, device)
+        if why is not None:
+            runnable = ", ".join(["auto"] + [n for n, i in table.items() if i.why_not(self, device) is None])
+            raise RuntimeError(f"{self.name} {arg}={asked!r} cannot run on this machine ({device}): {why}. "
                                f"Use one of: {runnable}.")
-        else:
-            chosen = impl
-        _log.debug("%s layer %d: impl=%s (asked %s)", self.name, self.ctx.layer_idx, chosen, impl)
-        return chosen
+        return asked
 
-    def impl_for(self, x: torch.Tensor) -> str:
-        """The implementation for tensors like `x`: `self.impl` on CUDA, or whenever it was named explicitly;
-        under impl=auto, tensors on other devices (a CPU copy of a model built on a GPU machine) take the
-        reference twin."""
-        return _impl_for(self.impl, self._impl_asked, x, self._impl_reference)
+    def select_impls(self, device: Union[str, torch.device, None] = None) -> None:
+        """Re-resolve the args asked as `auto` for `device` (default: where the parameters are now). Moves call
+        it themselves; a loader that assigns parameters in place (transformers') calls it after loading."""
+        self._select_impls(self._device() if device is None else torch.device(device), moved=True)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moving the module (`.to`, `.cuda`, `.cpu`, `to_empty`) re-resolves the args asked as `auto`."""
+        out = super()._apply(fn, recurse)
+        if "ops" in self.__dict__:  # constructed (not a move from inside __init__)
+            self.select_impls()
+        return out
 
     def extra_repr(self) -> str:
-        return self.spec_repr()
+        chosen = [f"{a}={self.__dict__[a]}" for a in self.impl_tables() if self.args.get(a) == "auto"]
+        return ", ".join([self.spec_repr()] + [f"resolved {c}" for c in chosen])
 
     def spec_repr(self) -> str:
-        args = getattr(self, "args", {})
-        return ", ".join(f"{k}={v}" for k, v in args.items())
+        return ", ".join(f"{k}={v}" for k, v in self.args.items())
+
+
+def validate_mixer_class(cls: type, *, once: bool = False) -> None:
+    """Registration checks of a Mixer subclass: a name, a known state kind, implementation tables whose roles are
+    known (one reference each) and match the declared `impl` choices, and an `__init__` that accepts every
+    declared arg. Raises TypeError naming the mixer and what is wrong. `once`: skip a class already checked."""
+    if once and cls.__dict__.get("_contract_checked"):
+        return
+    if not (isinstance(cls, type) and issubclass(cls, Mixer)):
+        raise TypeError(f"{cls!r} is not a subclass of seqmix.mixer.Mixer")
+    label = f"mixer {getattr(cls, 'name', None)!r} ({cls.__module__}.{cls.__qualname__})"
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__module__}.{cls.__qualname__} has no `name`")
+    if cls.state_kind not in STATE_KINDS:
+        raise TypeError(f"{label}: state_kind must be one of {STATE_KINDS}, got {cls.state_kind!r}")
+    declared = {a.name: a for a in cls.spec_args}
+    for arg, table in cls.impl_tables().items():
+        bad = {n: i.role for n, i in table.items() if i.role not in IMPL_ROLES}
+        if bad:
+            raise TypeError(f"{label}: {arg} roles must be one of {IMPL_ROLES}, got {bad}")
+        if sum(i.role == "reference" for i in table.values()) != 1:
+            raise TypeError(f"{label}: the {arg} table needs exactly one Impl(role='reference'), the path `auto` "
+                            f"falls back to; it has {[n for n, i in table.items() if i.role == 'reference']}")
+        if arg in declared and tuple(declared[arg].choices or ()) != ("auto", *table):
+            raise TypeError(f"{label}: Arg({arg!r}) choices {declared[arg].choices} must be ('auto', "
+                            f"{', '.join(map(repr, table))}), the names of its table")
+        if arg != "impl" and arg not in declared:
+            raise TypeError(f"{label}: extra_impls names {arg!r}, which is not a declared Arg")
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        for name in declared:
+            p = params.get(name)
+            if p is None or p.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+                raise TypeError(f"{label}: __init__ does not accept the declared arg {name!r} as a keyword; "
+                                f"add `{name}=...` to its parameters (the base passes every declared arg)")
+    type.__setattr__(cls, "_contract_checked", True)
 
 
 def state_nbytes(state: Any) -> int:

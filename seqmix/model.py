@@ -110,6 +110,12 @@ class HybridLM(nn.Module):
         logits = self(tokens_BT)
         return F.cross_entropy(logits.float().flatten(0, 1), targets_BT.flatten(), ignore_index=ignore_index)
 
+    def select_impls(self) -> None:
+        """Re-resolve every `auto` implementation against where the weights are now (`.to()` does this itself;
+        for loaders that assign parameters in place)."""
+        for block in self.blocks:
+            block.mixer.select_impls()
+
     # -- decoding ---------------------------------------------------------------------------------
     def init_states(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> States:
         dtype = dtype or self.embed.weight.dtype

@@ -9,7 +9,7 @@ from typing import Optional
 import pluggy
 
 from seqmix import hookspecs
-from seqmix.mixer import STATE_KINDS, Mixer
+from seqmix.mixer import STATE_KINDS, Mixer, validate_mixer_class
 
 # Mixers that ship as separate distributions in this repo: name -> (distribution, folder in the repo).
 KNOWN_PLUGINS = {
@@ -160,6 +160,7 @@ def _check_mixer_class(cls: type) -> None:
         raise TypeError(f"{cls.__name__} has no `name`")
     if cls.state_kind not in STATE_KINDS:
         raise TypeError(f"{cls.__name__}.state_kind must be one of {STATE_KINDS}, got {cls.state_kind!r}")
+    validate_mixer_class(cls)  # implementation tables, and an __init__ that accepts every declared Arg
 
 
 def _version(dist: str) -> str:

@@ -93,10 +93,11 @@ def _views(mixer: Mixer, device) -> list[str]:
     return [c for c in arg.choices if c != "auto" and ok.get(c, "unknown") is None]
 
 
-def _rebuild(mixer: Mixer, impl: str) -> Mixer:
-    """The same mixer (same weights) with another `impl`."""
-    args = dict(getattr(mixer, "args", {}))
-    args["impl"] = impl
+def _rebuild(mixer: Mixer, impl: Optional[str] = None) -> Mixer:
+    """The same mixer (same args and weights), with another `impl` if given."""
+    args = dict(mixer.args)
+    if impl is not None:
+        args["impl"] = impl
     other = type(mixer)(mixer.ctx, **args)
     p = next(mixer.parameters(), None)
     if p is not None:

@@ -133,20 +133,28 @@ def test_hybrid_stack_conformance_on_cuda_with_kernels(dtype):
     assert impls["based"] == "parallel" and impls["swa"] == "triton" and impls["conv"] == "triton"
 
 
-def test_auto_kernels_send_cpu_tensors_to_the_references(monkeypatch):
-    """A model built where CUDA is visible resolves `auto` to the kernels, yet a CPU copy of it must run (through
-    the reference twins) and give what a model built on a CPU machine gives. Explicit kernel names stay kernels."""
+def test_auto_kernels_are_re_resolved_when_the_model_moves(monkeypatch):
+    """`auto` resolves against the layer's device: a model placed where CUDA is visible (meta: not yet placed,
+    so this machine's device) takes the kernels; moved to the CPU (`to_empty`, as `.to("cpu")` would) every auto
+    layer re-resolves to its reference twin and gives what a model built on a CPU machine gives. No call-time
+    branch: explicit kernel names stay kernels."""
     pytest.importorskip("triton")
     spec = "based,swa:5,conv,mamba,mlp"
     cfg = resolve_model(spec, d_model=64, n_heads=4, vocab_size=97)
     cpu_built = build_model(cfg).eval()
+    assert all(b.mixer.impl in ("linear", "reference", "chunked") for b in cpu_built.blocks)
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "is_available", lambda: True)
         m.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-        gpu_built = build_model(cfg).eval()
-    impls = {b.mixer.name: b.mixer.impl for b in gpu_built.blocks if hasattr(b.mixer, "impl")}
-    assert impls["based"] == "parallel" and impls["swa"] == "triton" and impls["conv"] == "triton"
-    assert gpu_built.blocks[3].mixer.conv_impl == "triton"
+        gpu_built = build_model(cfg, device="meta").eval()
+        impls = {b.mixer.name: b.mixer.impl for b in gpu_built.blocks}
+        assert impls["based"] == "parallel" and impls["swa"] == "triton" and impls["conv"] == "triton"
+        assert gpu_built.blocks[3].mixer.conv_impl == "triton"
+        gpu_built.to_empty(device="cpu")  # the move re-resolves, on a machine that still sees CUDA
+    impls = {b.mixer.name: b.mixer.impl for b in gpu_built.blocks}
+    assert impls == {"based": "linear", "swa": "reference", "conv": "reference", "mamba": "chunked",
+                     "mlp": "reference"}
+    assert gpu_built.blocks[3].mixer.conv_impl == "reference"
     gpu_built.load_state_dict(cpu_built.state_dict())
     ids = torch.randint(0, 97, (3, 21))
     with torch.no_grad():

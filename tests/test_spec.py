@@ -22,7 +22,6 @@ BASED_1B = ("conv,mlp,(based,mlp,swa:129,mlp,(conv,mlp)*3)*5,conv,mlp,based,mlp,
 class _Fake(Mixer):
     def __init__(self, ctx, **spec_args):
         super().__init__(ctx)
-        self.args = spec_args
 
 
 def _fake(name: str, *spec_args: Arg) -> type:

@@ -1,9 +1,6 @@
-"""Which implementation of an op can run where: the Triton kernels (CUDA, or Triton's CPU interpreter) or the reference.
-
-Mixers call `resolve_impl` once, at construction: "auto" is the Triton path on a machine with a CUDA device and
-triton installed, the PyTorch reference elsewhere. At call time `impl_for` sends tensors that are not on a CUDA
-device (a CPU copy of a model built on a GPU machine) to the reference when "auto" was asked; an explicitly
-named kernel is never swapped. Nothing here imports triton.
+"""Whether the Triton kernels can run on a device (CUDA, or Triton's CPU interpreter for tests), and the check
+every Triton op makes on its inputs. Mixers choose between a kernel and its reference through their
+implementation table (`seqmix.mixer.Impl`), which asks `triton_unavailable`. Nothing here imports triton.
 """
 from __future__ import annotations
 
@@ -13,8 +10,6 @@ import os
 from typing import Optional, Union
 
 import torch
-
-IMPLS = ("reference", "triton")
 
 
 def triton_interpreting() -> bool:
@@ -41,36 +36,6 @@ def triton_unavailable(device: Union[str, torch.device] = "cuda") -> Optional[st
         return None
     return (f"the Triton kernels need a CUDA device, got {dev.type} (on CPU they run only under Triton's "
             f"interpreter, TRITON_INTERPRET=1, which is for tests)")
-
-
-def available_impls(device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
-    """{"reference": None, "triton": None or the reason it cannot run on `device`}."""
-    return {"reference": None, "triton": triton_unavailable(device)}
-
-
-def resolve_impl(impl: str, what: str) -> str:
-    """Turn an `impl` argument into "reference" or "triton", once; raises if the asked one cannot run here.
-
-    "auto" means the kernel when this machine has a CUDA device and triton, else the reference (never the
-    interpreter). `what` names the op or mixer in the error message.
-    """
-    if impl == "auto":
-        return "triton" if torch.cuda.is_available() and triton_unavailable("cuda") is None else "reference"
-    if impl not in IMPLS:
-        raise ValueError(f"{what}: impl must be one of auto, {', '.join(IMPLS)}; got {impl!r}")
-    if impl == "triton":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        why = triton_unavailable(device)
-        if why is not None:
-            raise RuntimeError(f"{what}: impl='triton' cannot run on this machine: {why}. "
-                               f"Use impl='auto' or impl='reference'.")
-    return impl
-
-
-def impl_for(resolved: str, asked: str, x: torch.Tensor, reference: str = "reference") -> str:
-    """The implementation to run on `x`: `resolved` (from resolve_impl) for CUDA tensors or when `asked` named one
-    explicitly; under "auto", tensors on any other device take `reference`."""
-    return resolved if asked != "auto" or x.is_cuda else reference
 
 
 def check_device(what: str, *tensors: Optional[torch.Tensor]) -> None:

@@ -33,7 +33,7 @@ def rms_norm_residual_ref(
 
 
 def rms_norm_residual_fn(impl: str) -> Callable:
-    """`rms_norm_residual` for a resolved impl ("reference" or "triton", see `backend.resolve_impl`)."""
+    """`rms_norm_residual` for a resolved impl ("reference" or "triton", as a mixer's `seqmix.mixer.Impl` table chose it)."""
     if impl == "reference":
         return rms_norm_residual_ref
     if impl == "triton":

@@ -72,7 +72,7 @@ def rotary_ref(
 
 
 def rotary_fn(impl: str) -> Callable:
-    """`rotary` for a resolved impl ("reference" or "triton", see `backend.resolve_impl`)."""
+    """`rotary` for a resolved impl ("reference" or "triton", as a mixer's `seqmix.mixer.Impl` table chose it)."""
     if impl == "reference":
         return rotary_ref
     if impl == "triton":

@@ -69,7 +69,7 @@ def short_conv_step_ref(
 
 
 def short_conv_fns(impl: str) -> tuple[Callable, Callable]:
-    """(forward, decode step) for a resolved impl ("reference" or "triton", see `backend.resolve_impl`)."""
+    """(forward, decode step) for a resolved impl ("reference" or "triton", as a mixer's `seqmix.mixer.Impl` table chose it)."""
     if impl == "reference":
         return short_conv_ref, short_conv_step_ref
     if impl == "triton":

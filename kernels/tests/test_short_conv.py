@@ -150,7 +150,9 @@ def test_mamba_conv_impl_triton_matches_reference():
 
 def test_impl_resolution(monkeypatch):
     ctx = BlockContext(d_model=8, n_heads=2)
-    assert BaseConv(ctx).impl == ("triton" if HAS_CUDA else "reference")  # auto: the kernel only on a GPU
+    assert BaseConv(ctx).impl == "reference"  # auto: the kernel only for a layer on a CUDA device
+    if HAS_CUDA:
+        assert BaseConv(ctx).cuda().impl == "triton" and BaseConv(ctx).cuda().cpu().impl == "reference"
     if not HAS_CUDA:
         monkeypatch.delenv("TRITON_INTERPRET")
         assert BaseConv.available_impls("cpu")["triton"].startswith("the Triton kernels need a CUDA device")

@@ -1,36 +1,31 @@
 """`conv`: BaseConv, the gated short convolution of Based (in_proj -> causal depthwise conv, SiLU, * gate)."""
-import logging
-from typing import Optional, Union
-
 import torch
 from torch import nn
 
-from seqmix.mixer import Arg, BlockContext, Mixer
-from seqmix_kernels.backend import IMPLS, available_impls, impl_for, resolve_impl
+from seqmix.mixer import Arg, BlockContext, Impl, Mixer, triton_kernel
 from seqmix_kernels.short_conv import short_conv_fns
 
-logger = logging.getLogger(__name__)
+# The shared short conv (seqmix_kernels): each entry loads its (forward, decode step) pair, one signature.
+SHORT_CONV_IMPLS = {
+    "reference": Impl("reference", load=lambda: short_conv_fns("reference")),
+    "triton": Impl("kernel", triton_kernel, load=lambda: short_conv_fns("triton")),
+}
 
 
 class BaseConv(Mixer):
     name = "conv"
     description = "gated short convolution (BaseConv): conv branch, SiLU, times a linear gate"
+    impls = SHORT_CONV_IMPLS
     spec_args = (
         Arg("kernel_size", int, 3, min=2, max=8, help="taps of the causal depthwise conv"),
         Arg("expand", int, 2, min=1, positional=False, help="inner width = expand * d_model"),
-        Arg("impl", str, "auto", choices=("auto",) + IMPLS, positional=False,
-            help="conv path: triton = fused conv+SiLU+gate kernel; auto = triton on a CUDA machine, else reference"),
+        Arg("impl", str, "auto", choices=("auto", *impls), positional=False,
+            help="conv path: triton = fused conv+SiLU+gate kernel; auto = triton for a layer on a CUDA device"),
     )
     state_kind = "window"
 
     def __init__(self, ctx: BlockContext, kernel_size=3, expand=2, impl="auto"):
         super().__init__(ctx)
-        self.args = {"kernel_size": kernel_size, "expand": expand, "impl": impl}
-        for arg in self.spec_args:  # direct construction gets the same checks as spec text
-            arg.convert(self.args[arg.name])
-        self.impl = resolve_impl(impl, "conv")
-        self._fns = {i: short_conv_fns(i) for i in {self.impl, "reference"}}  # (conv, step); one signature
-        logger.debug("conv layer %d: impl=%s (asked %s)", ctx.layer_idx, self.impl, impl)
         D = ctx.d_model
         self.inner = expand * D
         self.kernel_size = kernel_size
@@ -46,9 +41,9 @@ class BaseConv(Mixer):
     def forward(self, x_BTD, *, state=None, return_state=False):
         u_BTC, gate_BTC = self.in_proj(x_BTD).chunk(2, dim=-1)
         conv_state = None if state is None else state["conv"]
-        conv, _ = self._fns[impl_for(self.impl, self.args["impl"], x_BTD)]
+        conv, _ = self.ops["impl"]
         c_BTC, new_conv = conv(u_BTC, self.conv_weight, state_BCK=conv_state, activation="silu",
-                                     gate_BTC=gate_BTC)  # silu(conv(u)) * gate, fused
+                               gate_BTC=gate_BTC)  # silu(conv(u)) * gate, fused
         y_BTD = self.out_proj(c_BTC)
         if not return_state:
             return y_BTD
@@ -62,16 +57,12 @@ class BaseConv(Mixer):
 
     def step(self, x_BD, state):
         u_BC, gate_BC = self.in_proj(x_BD).chunk(2, dim=-1)
-        _, conv_step = self._fns[impl_for(self.impl, self.args["impl"], x_BD)]
+        _, conv_step = self.ops["impl"]
         c_BC = conv_step(u_BC, state["conv"], self.conv_weight, activation="silu", gate_BC=gate_BC)
         return self.out_proj(c_BC), state
 
     def state_bytes(self, batch_size, seqlen, dtype=torch.float32):
         return batch_size * self.inner * self.kernel_size * torch.empty((), dtype=dtype).element_size()
-
-    @classmethod
-    def available_impls(cls, device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
-        return available_impls(device)
 
     def flops_per_token(self, seqlen: int) -> int:
         D, C = self.ctx.d_model, self.inner

@@ -14,7 +14,6 @@ class SwiGLU(Mixer):
 
     def __init__(self, ctx: BlockContext, hidden=None):
         super().__init__(ctx)
-        self.args = {"hidden": hidden}
         D = ctx.d_model
         self.hidden = 2 * D if hidden is None else hidden
         self.fc1 = nn.Linear(D, 2 * self.hidden, bias=False)  # D -> [y | gate]

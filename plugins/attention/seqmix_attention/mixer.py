@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.mixer import Arg, ArgError, BlockContext, Mixer, State, resolve_heads
+from seqmix.mixer import Arg, ArgError, BlockContext, Impl, Mixer, State, resolve_heads
 from seqmix_kernels.rotary import check_rotary_dim, rotary_ref
 
 
-IMPLS = ("reference",)  # impl="auto" takes the first one that can run, in this order
+IMPLS = {"reference": Impl("reference")}  # PyTorch SDPA (is_causal for a fresh sequence, masked otherwise)
 
 
 def _capturing() -> bool:
@@ -33,6 +33,7 @@ class CausalAttention(Mixer):
     """
 
     name = "attn"
+    impls = IMPLS
     description = "causal softmax attention with RoPE and grouped KV heads; KV-cache state"
     spec_args = (
         Arg("heads", int, None, min=1, help="query heads; default the model's n_heads"),
@@ -41,16 +42,14 @@ class CausalAttention(Mixer):
             help="RoPE dim R per head, as flash-attn's RotaryEmbedding(dim=R): rotates 2*ceil(R/2) channels "
                  "(R = 35 rotates 36); default the full head dim"),
         Arg("rope_base", float, 10000.0, min=1.0, positional=False, help="RoPE frequency base"),
-        Arg("impl", str, "auto", choices=("auto",) + IMPLS, positional=False,
-            help="attention path; auto = the best one that can run, chosen once at construction"),
+        Arg("impl", str, "auto", choices=("auto", *IMPLS), positional=False,
+            help="attention path; auto = the best one that can run on the layer's device"),
     )
     state_kind = "cache"
 
     def __init__(self, ctx: BlockContext, heads: Optional[int] = None, kv_heads: Optional[int] = None,
                  rotary_dim: Optional[int] = None, rope_base: float = 10000.0, impl: str = "auto"):
         super().__init__(ctx)
-        self.args = {"heads": heads, "kv_heads": kv_heads, "rotary_dim": rotary_dim, "rope_base": rope_base,
-                     "impl": impl}
         D = ctx.d_model
         self.n_heads = resolve_heads(ctx, heads, D)
         self.n_kv_heads = self.n_heads if kv_heads is None else kv_heads
@@ -62,16 +61,11 @@ class CausalAttention(Mixer):
         except ValueError as e:
             raise ArgError(str(e)) from None
         self.rope_base = float(rope_base)
-        self.impl = self.resolve_impl(impl, IMPLS)
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         self.Wqkv = nn.Linear(D, (H + 2 * Hkv) * Dh, bias=False)  # D -> [Q (H heads) | K (Hkv) | V (Hkv)]
         self.out_proj = nn.Linear(D, D, bias=False)
         nn.init.normal_(self.Wqkv.weight, std=ctx.init_std)
         nn.init.normal_(self.out_proj.weight, std=ctx.out_init_std)
-
-    @classmethod
-    def available_impls(cls, device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
-        return {"reference": None}
 
     # -- projections and attention ----------------------------------------------------------------
     def _qkv(self, x_BTD: torch.Tensor, pos: Union[int, torch.Tensor]):
@@ -122,13 +116,18 @@ class CausalAttention(Mixer):
         y_BTD = self.out_proj(o_BTHD.reshape(B, T, D))
         if not return_state:
             return y_BTD
+        self._write(state, k_BTKD, v_BTKD)
+        return y_BTD, state
+
+    def _write(self, state: dict, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor) -> None:
+        """Store a chunk's keys/values at rows pos .. pos + T - 1 of each sequence and advance pos, in place."""
+        B, T = k_BTKD.shape[:2]
         pos_B = state["pos"]
         row_BT = pos_B[:, None] + torch.arange(T, device=pos_B.device)
         b_B1 = torch.arange(B, device=pos_B.device)[:, None]
         state["k"][b_B1, row_BT] = k_BTKD.to(state["k"].dtype)
         state["v"][b_B1, row_BT] = v_BTKD.to(state["v"].dtype)
         pos_B.add_(T)
-        return y_BTD, state
 
     def init_state(self, batch_size, *, max_seqlen, device=None, dtype=torch.float32):
         shape = (batch_size, max_seqlen, self.n_kv_heads, self.head_dim)

@@ -1,12 +1,14 @@
 """`based`: Based linear attention (Taylor feature map), with its quadratic, chunked and recurrent views."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+import functools
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from seqmix.mixer import Arg, BlockContext, Mixer, State, resolve_heads
+from seqmix.mixer import Arg, BlockContext, Impl, Mixer, State, resolve_heads
+from seqmix_based.kernels import is_available, unsupported_sizes
 from seqmix_based.naive import (
     BasedState,
     based_linear_ref,
@@ -20,8 +22,6 @@ from seqmix_based.naive import (
 # A view maps (q_BTHF, k_BTHF, v_BTHV, initial_state, output_final_state, chunk_size, eps) to
 # (o_BTHV, final state or None); the initial state is read, never written.
 View = Callable[..., tuple[torch.Tensor, Optional[BasedState]]]
-
-IMPLS = ("quadratic", "linear", "recurrent", "parallel")
 
 
 def _quadratic_view(q_BTHF, k_BTHF, v_BTHV, *, initial_state, output_final_state, chunk_size, eps):
@@ -47,16 +47,26 @@ def _recurrent_view(q_BTHF, k_BTHF, v_BTHV, *, initial_state, output_final_state
                                output_final_state=output_final_state, eps=eps)
 
 
-def _parallel_view(q_BTHF, k_BTHF, v_BTHV, *, initial_state, output_final_state, chunk_size, eps):
+def _kernel_view(kernel, q_BTHF, k_BTHF, v_BTHV, *, initial_state, output_final_state, chunk_size, eps):
     """The Triton kernel (seqmix_based.kernels): feature map fused, the E-wide features never reach HBM."""
-    from seqmix_based.kernels import based_attn
-
-    return based_attn(q_BTHF, k_BTHF, v_BTHV, initial_state=initial_state, output_final_state=output_final_state,
-                      eps=eps)
+    return kernel(q_BTHF, k_BTHF, v_BTHV, initial_state=initial_state, output_final_state=output_final_state,
+                  eps=eps)
 
 
-VIEWS: dict[str, View] = {"quadratic": _quadratic_view, "linear": _linear_view, "recurrent": _recurrent_view,
-                          "parallel": _parallel_view}
+def _kernel_ops():
+    from seqmix_based.kernels import based_attn, based_step  # imports triton: only when the kernel is chosen
+
+    return functools.partial(_kernel_view, based_attn), based_step  # the step updates the state in place
+
+
+# impl -> (view, decode step); `auto` takes the kernel for a layer on a CUDA device it fits, else linear.
+IMPLS = {
+    "quadratic": Impl("view", load=lambda: (_quadratic_view, based_step_ref)),
+    "linear": Impl("reference", load=lambda: (_linear_view, based_step_ref)),
+    "recurrent": Impl("view", load=lambda: (_recurrent_view, based_step_ref)),
+    "parallel": Impl("kernel", is_available, load=_kernel_ops,  # the kernels: F <= 32, V in 16..128 (% 16)
+                     fits=lambda m: unsupported_sizes(m.feature_dim, m.head_dim)),
+}
 
 
 class BasedLinearAttention(Mixer):
@@ -67,14 +77,16 @@ class BasedLinearAttention(Mixer):
     `out_proj` (d -> d), no biases. No rotary, no normalisation beyond the feature map.
     Decode state, fp32 whatever the model dtype, constant in the sequence length:
         {"kv": [B, H, V, E] = sum_t v_t (x) phi(k_t),  "k": [B, H, E] = sum_t phi(k_t)}
-    `impl` picks the training/prefill view once at construction; every view accepts and returns a carried state.
+    `impl` picks the training/prefill view (and the decode step) once per device; every view accepts and returns
+    a carried state.
     """
 
     name = "based"
+    impls = IMPLS
     description = "Based linear attention (2nd-order Taylor feature map); constant-size recurrent state"
     spec_args = (
-        Arg("impl", str, "auto", choices=("auto",) + IMPLS,
-            help="auto = the kernel when it can run on this machine, else linear; quadratic = O(T^2) scores; "
+        Arg("impl", str, "auto", choices=("auto", *IMPLS),
+            help="auto = the kernel for a layer on a CUDA device it fits, else linear; quadratic = O(T^2) scores; "
                  "linear = chunked O(T); recurrent = token by token; parallel = Triton kernel"),
         Arg("feature_dim", int, 16, min=1, max=64, help="q/k feature dim per head (F); expanded to 1 + F + F^2"),
         Arg("heads", int, None, min=1, help="heads; default the model's n_heads"),
@@ -86,28 +98,12 @@ class BasedLinearAttention(Mixer):
     def __init__(self, ctx: BlockContext, impl: str = "auto", feature_dim: int = 16,
                  heads: Optional[int] = None, chunk_size: int = 64, eps: float = 1e-12):
         super().__init__(ctx)
-        self.args = {"impl": impl, "feature_dim": feature_dim, "heads": heads, "chunk_size": chunk_size,
-                     "eps": eps}
-        for arg in self.spec_args:  # direct construction gets the same checks as spec text
-            if self.args[arg.name] is not None:
-                arg.convert(self.args[arg.name])
         D = ctx.d_model
         self.n_heads = resolve_heads(ctx, heads, D)
         self.feature_dim = feature_dim
         self.head_dim = D // self.n_heads
         self.chunk_size = chunk_size
         self.eps = eps
-        from seqmix_based.kernels import unsupported_sizes
-
-        avail = self.available_impls("cuda" if torch.cuda.is_available() else "cpu")
-        if avail["parallel"] is None:  # the kernels handle F <= 32 and V in 16..128 (multiple of 16)
-            avail["parallel"] = unsupported_sizes(feature_dim, self.head_dim)
-        self.impl = self.resolve_impl(impl, ("parallel", "linear"), avail, reference="linear")
-        self._step_kernel = None
-        if self.impl == "parallel":  # decode with the Triton step kernel too (in place, CUDA-graph safe)
-            from seqmix_based.kernels import based_step
-
-            self._step_kernel = based_step
         HF = self.n_heads * feature_dim
         self.proj_q = nn.Linear(D, HF, bias=False)  # D -> H*F
         self.proj_k = nn.Linear(D, HF, bias=False)  # D -> H*F
@@ -116,12 +112,6 @@ class BasedLinearAttention(Mixer):
         for lin in (self.proj_q, self.proj_k, self.proj_v):
             nn.init.normal_(lin.weight, std=ctx.init_std)
         nn.init.normal_(self.out_proj.weight, std=ctx.out_init_std)
-
-    @classmethod
-    def available_impls(cls, device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
-        from seqmix_based.kernels import is_available
-
-        return {"quadratic": None, "linear": None, "recurrent": None, "parallel": is_available(device)}
 
     # -- projections ------------------------------------------------------------------------------
     def _qkv(self, x_BTD: torch.Tensor):
@@ -139,8 +129,9 @@ class BasedLinearAttention(Mixer):
         B, T, D = x_BTD.shape
         q_BTHF, k_BTHF, v_BTHV = self._qkv(x_BTD)
         init = None if state is None else (state["kv"], state["k"])
-        o_BTHV, final = VIEWS[self.impl_for(x_BTD)](q_BTHF, k_BTHF, v_BTHV, initial_state=init, output_final_state=return_state,
-                                   chunk_size=self.chunk_size, eps=self.eps)
+        view, _ = self.ops["impl"]
+        o_BTHV, final = view(q_BTHF, k_BTHF, v_BTHV, initial_state=init, output_final_state=return_state,
+                             chunk_size=self.chunk_size, eps=self.eps)
         y_BTD = self.out_proj(o_BTHV.reshape(B, T, D))
         if not return_state:
             return y_BTD
@@ -166,7 +157,7 @@ class BasedLinearAttention(Mixer):
         if state is None:
             state = self.init_state(B, max_seqlen=1, device=x_BD.device)
         q_BHF, k_BHF, v_BHV = self._qkv(x_BD)
-        step = self._step_kernel if self.impl_for(x_BD) == "parallel" else based_step_ref
+        _, step = self.ops["impl"]
         o_BHV = step(q_BHF, k_BHF, v_BHV, (state["kv"], state["k"]), eps=self.eps)
         return self.out_proj(o_BHV.reshape(B, D)), state
 
@@ -178,6 +169,3 @@ class BasedLinearAttention(Mixer):
         D, H, F, V = self.ctx.d_model, self.n_heads, self.feature_dim, self.head_dim
         E = expanded_dim(F)
         return 2 * D * (2 * H * F + 2 * D) + 2 * 2 * H * V * E + 2 * 2 * H * E
-
-    def extra_repr(self) -> str:
-        return f"{self.spec_repr()}, resolved impl={self.impl}"

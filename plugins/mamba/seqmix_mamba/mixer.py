@@ -1,7 +1,6 @@
 """`mamba`: the Mamba-1 selective state-space mixer, with the parameter names and init of the mamba-ssm package."""
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -9,15 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from seqmix.mixer import Arg, BlockContext, Mixer, State
-from seqmix_kernels.backend import IMPLS as CONV_IMPLS
-from seqmix_kernels.backend import impl_for, resolve_impl
-from seqmix_kernels.short_conv import short_conv_fns
+from seqmix.builtins.conv import SHORT_CONV_IMPLS
+from seqmix.mixer import Arg, BlockContext, Impl, Mixer, State
 from seqmix_mamba.naive import selective_scan_chunked, selective_scan_ref, selective_state_step_ref
 
-logger = logging.getLogger(__name__)
-
-IMPLS = ("auto", "sequential", "chunked")
+# The scan: both pure PyTorch; `auto` = chunked (GPU scan kernels will be added beside them as role="kernel").
+IMPLS = {"sequential": Impl("view"), "chunked": Impl("reference")}
 
 
 class Mamba(Mixer):
@@ -31,39 +27,31 @@ class Mamba(Mixer):
     """
 
     name = "mamba"
+    impls = IMPLS
+    extra_impls = {"conv_impl": SHORT_CONV_IMPLS}
     description = "Mamba-1 selective state-space model (selective scan, short conv, SiLU gate)"
     spec_args = (
         Arg("d_state", int, 16, min=1, help="SSM state size N per channel"),
         Arg("expand", int, 2, min=1, help="inner width E = expand * d_model"),
         Arg("d_conv", int, 4, min=2, max=8, positional=False, help="taps of the causal depthwise conv"),
         Arg("dt_rank", int, None, min=1, positional=False, help="rank of the dt projection; default ceil(d/16)"),
-        Arg("impl", str, "auto", choices=IMPLS, positional=False,
-            help="scan: sequential (the definition) or chunked (masked matrix form); auto = chunked on CPU"),
+        Arg("impl", str, "auto", choices=("auto", *IMPLS), positional=False,
+            help="scan: sequential (the definition) or chunked (masked matrix form); auto = chunked"),
         Arg("chunk_size", int, 64, min=1, positional=False, help="chunk length of impl=chunked"),
-        Arg("conv_impl", str, "auto", choices=("auto",) + CONV_IMPLS, positional=False,
-            help="short conv path: triton = fused conv+bias+SiLU kernel; auto = triton on a CUDA machine"),
+        Arg("conv_impl", str, "auto", choices=("auto", *SHORT_CONV_IMPLS), positional=False,
+            help="short conv path: triton = fused conv+bias+SiLU kernel; auto = triton for a layer on a CUDA device"),
     )
     state_kind = "recurrent"
 
     def __init__(self, ctx: BlockContext, d_state=16, expand=2, d_conv=4, dt_rank=None, impl="auto",
                  chunk_size=64, conv_impl="auto"):
         super().__init__(ctx)
-        self.args = {"d_state": d_state, "expand": expand, "d_conv": d_conv, "dt_rank": dt_rank, "impl": impl,
-                     "chunk_size": chunk_size, "conv_impl": conv_impl}
-        for arg in self.spec_args:  # direct construction gets the same validation as a spec string
-            if self.args[arg.name] is not None:
-                arg.convert(self.args[arg.name])
         D = ctx.d_model
         self.d_inner = E = expand * D
         self.d_state = N = d_state
         self.d_conv = d_conv
         self.dt_rank = R = math.ceil(D / 16) if dt_rank is None else dt_rank
         self.chunk_size = chunk_size
-        self.impl = "chunked" if impl == "auto" else impl
-        self.conv_impl = resolve_impl(conv_impl, "mamba conv")
-        self._conv_fns = {i: short_conv_fns(i) for i in {self.conv_impl, "reference"}}  # (conv, step)
-        logger.debug("mamba layer %d: scan impl=%s (asked %s), conv impl=%s", ctx.layer_idx, self.impl, impl,
-                     self.conv_impl)
 
         self.in_proj = nn.Linear(D, 2 * E, bias=False)  # D -> [x | z]
         self.conv1d = nn.Conv1d(E, E, d_conv, groups=E, bias=True, padding=d_conv - 1)  # weights only; see forward
@@ -115,7 +103,7 @@ class Mamba(Mixer):
     def forward(self, x_BTD: torch.Tensor, *, state: State = None, return_state: bool = False):
         x_BTE, z_BTE = self.in_proj(x_BTD).chunk(2, dim=-1)
         conv_BEK = None if state is None else state["conv"]
-        conv, _ = self._conv_fns[impl_for(self.conv_impl, self.args["conv_impl"], x_BTD)]
+        conv, _ = self.ops["conv_impl"]
         u_BTE, new_conv_BEK = conv(x_BTE, self._conv_weight(), self.conv1d.bias, state_BCK=conv_BEK,
                                          activation="silu")
         h0_BEN = None if state is None else state["ssm"]
@@ -143,7 +131,7 @@ class Mamba(Mixer):
     def step(self, x_BD: torch.Tensor, state: State):
         """One token; updates state["conv"] and state["ssm"] in place."""
         x_BE, z_BE = self.in_proj(x_BD).chunk(2, dim=-1)
-        _, conv_step = self._conv_fns[impl_for(self.conv_impl, self.args["conv_impl"], x_BD)]
+        _, conv_step = self.ops["conv_impl"]
         u_BE = conv_step(x_BE, state["conv"], self._conv_weight(), self.conv1d.bias, activation="silu")
         dt_BE, B_BN, C_BN, A_EN = self._ssm_inputs(u_BE)
         y_BE = selective_state_step_ref(state["ssm"], u_BE.float(), dt_BE, A_EN, B_BN, C_BN, self.D)
@@ -165,8 +153,3 @@ class Mamba(Mixer):
         D, E, N, R = self.ctx.d_model, self.d_inner, self.d_state, self.dt_rank
         matmuls = D * 2 * E + E * (R + 2 * N) + R * E + E * D
         return 2 * (matmuls + E * self.d_conv + 3 * E * N) + 3 * E
-
-    @classmethod
-    def available_impls(cls, device="cpu"):
-        """Both scans are pure PyTorch and run anywhere; GPU kernels will be added beside them."""
-        return {"sequential": None, "chunked": None}

@@ -7,12 +7,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.mixer import Arg, ArgError, BlockContext, Mixer, State, resolve_heads
-from seqmix_kernels.backend import triton_unavailable
+from seqmix.mixer import Arg, ArgError, BlockContext, Impl, Mixer, State, resolve_heads, triton_kernel
 from seqmix_kernels.rotary import check_rotary_dim, rotary_ref
 
 
-IMPLS = ("triton", "reference")  # impl="auto": the Triton kernel on a CUDA machine, else the reference
+def _load_kernel():
+    from seqmix_swa.kernel import swa_attn  # imports triton; only when chosen
+
+    return swa_attn
+
+
+# impl -> the fresh-sequence attention: the banded Triton kernel (a head in one tile), or None: the SDPA band.
+IMPLS = {"triton": Impl("kernel", triton_kernel, load=_load_kernel, fits=lambda m: None if m.head_dim <= 128 else
+                        f"the kernel supports head dims up to 128, this layer has {m.head_dim}"),
+         "reference": Impl("reference")}
 
 
 def ring_positions(pos_B: torch.Tensor, window: int) -> torch.Tensor:
@@ -46,12 +54,13 @@ class SlidingWindowAttention(Mixer):
     """
 
     name = "swa"
+    impls = IMPLS
     description = "sliding-window causal softmax attention with RoPE; ring-buffer state of the last W keys"
     spec_args = (
         Arg("window", int, 64, min=1, help="keys per query, itself included (swa:129 = Based's window 256)"),
         Arg("heads", int, None, min=1, help="attention heads; default the model's n_heads"),
-        Arg("impl", str, "auto", choices=("auto",) + IMPLS, positional=False,
-            help="attention path; auto = the best one that can run, chosen once at construction"),
+        Arg("impl", str, "auto", choices=("auto", *IMPLS), positional=False,
+            help="attention path of a fresh sequence; auto = the kernel for a layer on a CUDA device"),
         Arg("rotary_dim", int, None, min=0, positional=False,
             help="RoPE dim R per head, as flash-attn's RotaryEmbedding(dim=R): rotates 2*ceil(R/2) channels "
                  "(R = 35 rotates 36); default the full head dim"),
@@ -61,10 +70,7 @@ class SlidingWindowAttention(Mixer):
     def __init__(self, ctx: BlockContext, window: int = 64, heads: Optional[int] = None,
                  impl: str = "auto", rotary_dim: Optional[int] = None):
         super().__init__(ctx)
-        self.args = {"window": window, "heads": heads, "impl": impl, "rotary_dim": rotary_dim}
         D = ctx.d_model
-        if window < 1:
-            raise ArgError(f"window must be >= 1 (keys per query, itself included), got {window}")
         self.window = window
         self.n_heads = resolve_heads(ctx, heads, D)
         self.head_dim = D // self.n_heads
@@ -72,27 +78,10 @@ class SlidingWindowAttention(Mixer):
             self.rotary_dim = check_rotary_dim(-1 if rotary_dim is None else rotary_dim, self.head_dim)
         except ValueError as e:
             raise ArgError(str(e)) from None
-        self.impl = self._select_impl(impl)
-        self._kernel = None
-        if self.impl == "triton":  # imports triton; only on this path
-            from seqmix_swa.kernel import swa_attn
-
-            self._kernel = swa_attn
         self.Wqkv = nn.Linear(D, 3 * D, bias=False)  # D -> [Q | K | V], each H heads of Dh
         self.out_proj = nn.Linear(D, D, bias=False)
         nn.init.normal_(self.Wqkv.weight, std=ctx.init_std)
         nn.init.normal_(self.out_proj.weight, std=ctx.out_init_std)
-
-    @classmethod
-    def available_impls(cls, device: Union[str, torch.device] = "cpu") -> dict[str, Optional[str]]:
-        return {"triton": triton_unavailable(device), "reference": None}
-
-    def _select_impl(self, impl: str) -> str:
-        avail = self.available_impls("cuda" if torch.cuda.is_available() else "cpu")
-        if self.head_dim > 128:  # the kernel keeps a head in one tile
-            avail["triton"] = f"the kernel supports head dims up to 128, this layer has {self.head_dim}"
-        # auto never picks Triton's CPU interpreter: the kernel only when this machine has a GPU
-        return self.resolve_impl(impl, IMPLS if torch.cuda.is_available() else ("reference",), avail)
 
     # -- projections ------------------------------------------------------------------------------
     def _qkv(self, x_BTD: torch.Tensor, pos: Union[int, torch.Tensor]):
@@ -113,29 +102,36 @@ class SlidingWindowAttention(Mixer):
     # -- the contract -----------------------------------------------------------------------------
     def forward(self, x_BTD, *, state: State = None, return_state: bool = False):
         B, T, D = x_BTD.shape
-        W, dev = self.window, x_BTD.device
-        t_T = torch.arange(T, device=dev)
         if state is None:  # fresh sequence: the T x T band
-            q_BTHD, k_BTHD, v_BTHD = self._qkv(x_BTD, 0)
-            if self.impl_for(x_BTD) == "triton":
-                o_BTHD = self._kernel(q_BTHD, k_BTHD, v_BTHD, W)
-            else:
-                o_BTHD = self._sdpa(q_BTHD, k_BTHD, v_BTHD, band_mask(t_T[None], t_T[None], W))
-            if return_state:
-                state = self.init_state(B, max_seqlen=T, device=dev, dtype=k_BTHD.dtype)
+            y_BTD, k_BTHD, v_BTHD = self._fresh(x_BTD)
+            if not return_state:
+                return y_BTD
+            state = self.init_state(B, max_seqlen=T, device=x_BTD.device, dtype=k_BTHD.dtype)
         else:  # continue: prepend the ring buffer (W slots), masked by the absolute position of each slot
-            pos_B = state["pos"]
+            W, pos_B = self.window, state["pos"]
             q_BTHD, k_BTHD, v_BTHD = self._qkv(x_BTD, pos_B)
-            qpos_BT = pos_B[:, None] + t_T
+            qpos_BT = pos_B[:, None] + torch.arange(T, device=x_BTD.device)
             kpos_BS = torch.cat([ring_positions(pos_B, W), qpos_BT], 1)  # [B, W + T]
             k_BSHD = torch.cat([state["k"].to(k_BTHD.dtype), k_BTHD], 1)
             v_BSHD = torch.cat([state["v"].to(v_BTHD.dtype), v_BTHD], 1)
             o_BTHD = self._sdpa(q_BTHD, k_BSHD, v_BSHD, band_mask(qpos_BT, kpos_BS, W))
-        y_BTD = self.out_proj(o_BTHD.reshape(B, T, D))
-        if not return_state:
-            return y_BTD
+            y_BTD = self.out_proj(o_BTHD.reshape(B, T, D))
+            if not return_state:
+                return y_BTD
         self._write(state, k_BTHD, v_BTHD)
         return y_BTD, state
+
+    def _fresh(self, x_BTD):
+        """y [B, T, D] of a sequence from position 0, and its k, v [B, T, H, Dh] (RoPE applied to k)."""
+        B, T, D = x_BTD.shape
+        q_BTHD, k_BTHD, v_BTHD = self._qkv(x_BTD, 0)
+        kernel = self.ops["impl"]
+        if kernel is not None:
+            o_BTHD = kernel(q_BTHD, k_BTHD, v_BTHD, self.window)
+        else:
+            t_T = torch.arange(T, device=x_BTD.device)
+            o_BTHD = self._sdpa(q_BTHD, k_BTHD, v_BTHD, band_mask(t_T[None], t_T[None], self.window))
+        return self.out_proj(o_BTHD.reshape(B, T, D)), k_BTHD, v_BTHD
 
     def _write(self, state: dict, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor) -> None:
         """Store the last min(T, W) keys/values of a chunk in their ring slots and advance pos, in place."""

@@ -79,9 +79,9 @@ def test_mixer_conformance_on_the_kernel(window):
 
 def test_mixer_impl_resolution(monkeypatch):
     ctx = BlockContext(d_model=32, n_heads=2)
-    assert SlidingWindowAttention(ctx, 8).impl == ("triton" if HAS_CUDA else "reference")
+    assert SlidingWindowAttention(ctx, 8).to(DEVICE).impl == ("triton" if HAS_CUDA else "reference")
     wide = BlockContext(d_model=288, n_heads=2)  # head dim 144: beyond the kernel
-    assert SlidingWindowAttention(wide, 8).impl == "reference"
+    assert SlidingWindowAttention(wide, 8).to(DEVICE).impl == "reference"
     with pytest.raises(RuntimeError, match="head dims up to 128"):
         SlidingWindowAttention(wide, 8, impl="triton")
     if not HAS_CUDA:  # without the interpreter, a CPU machine cannot run the kernel: the error says why
