@@ -26,7 +26,8 @@ NAMED_ARCHS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a HybridLM; `spec` is stored in canonical form."""
+    """Everything needed to rebuild a HybridLM; `spec` is stored in canonical form (what config.json holds) and
+    parsed once: `layers()` keeps the parsed `LayerSpec`s in memory."""
 
     spec: str
     d_model: int = 1024
@@ -42,6 +43,16 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_multiple
         return (self.vocab_size + m - 1) // m * m
+
+    def layers(self, registry=None) -> list:
+        """The parsed layers of `spec` (one `LayerSpec` per block), parsed on first use and kept with the
+        config (re-parsed only if `spec` is changed)."""
+        cached = self.__dict__.get("_layers")
+        if cached is None or cached[0] != self.spec:
+            from seqmix.spec import parse_spec
+
+            cached = self.__dict__["_layers"] = (self.spec, tuple(parse_spec(self.spec, registry)))
+        return list(cached[1])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,4 +93,6 @@ def resolve_model(
             base[key] = val
     layer_specs = parse_spec(base["spec"], registry, n_blocks=layers)
     base["spec"] = format_spec(layer_specs, registry)
-    return ModelConfig(**base)
+    config = ModelConfig(**base)
+    config.__dict__["_layers"] = (config.spec, tuple(layer_specs))  # parse(format(x)) == x: no second parse
+    return config

@@ -5,7 +5,6 @@ import weakref
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from seqmix.sampling import SamplingParams, make_generator, sample_next
 
@@ -83,11 +82,6 @@ def check_length(model, prompt_len: int, max_new_tokens: int) -> None:
 
 
 # -- prefill ----------------------------------------------------------------------------------------
-def last_logits(model, h_BD: torch.Tensor) -> torch.Tensor:
-    """Logits over the real vocabulary from final-normed hidden states (what HybridLM.forward returns)."""
-    return F.linear(h_BD, model.head_weight())[..., : model.config.vocab_size]
-
-
 def prefill_chunks(model, prompts: list[torch.Tensor], states: Optional[list], *, max_tokens: int = 16384):
     """Run every non-empty prompt through the parallel forward and leave its final state in its row of `states`.
 
@@ -120,7 +114,7 @@ def prefill(model, prompts: list[torch.Tensor], states: list, *, max_tokens: int
     for idx_G, t0, L, h_GtD in prefill_chunks(model, prompts, states, max_tokens=max_tokens):
         if t0 + h_GtD.shape[1] < L:
             continue
-        logits_GV = last_logits(model, h_GtD[:, -1])
+        logits_GV = model.logits(h_GtD[:, -1])
         if out_BV is None:
             out_BV = logits_GV.new_empty(len(prompts), logits_GV.shape[-1])
         out_BV[idx_G] = logits_GV

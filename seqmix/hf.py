@@ -59,9 +59,7 @@ class SeqmixConfig(PreTrainedConfig):
 
     @property
     def num_hidden_layers(self) -> int:
-        from seqmix.spec import parse_spec
-
-        return len(parse_spec(self.spec))
+        return len(self.to_model_config().layers())
 
     def to_model_config(self) -> ModelConfig:
         return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
@@ -265,21 +263,20 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
                 h_logits = logits[:, None]
         else:
             states = None if cache is None else cache.states
-            if mask_BT is None:
-                h = self.model.hidden(input_ids, states, return_states=cache is not None)
-                h_BTD, new = h if cache is not None else (h, None)
-            else:
+            if mask_BT is not None:
                 h_BTD, new = self._hidden_left_padded(input_ids, mask_BT, states, cache)
+            elif cache is not None:
+                h_BTD, new = self.model.hidden(input_ids, states, return_states=True)
+            else:
+                h_BTD, new = self.model.hidden(input_ids), None
             if cache is not None:
                 cache.update_states(new)
-            h_BTD = h_BTD[:, -logits_to_keep:] if logits_to_keep else h_BTD
-            h_logits = torch.nn.functional.linear(h_BTD, self.model.head_weight())[..., : self.config.vocab_size]
+            h_logits = self.model.logits(h_BTD[:, -logits_to_keep:] if logits_to_keep else h_BTD)
         if cache is not None:
             cache.seen_tokens += T
         loss = None
         if labels is not None:
-            loss = torch.nn.functional.cross_entropy(
-                h_logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = self.model.loss(input_ids[:, :-1], labels[:, 1:], logits_BTV=h_logits[:, :-1])
         return SeqmixCausalLMOutput(loss=loss, logits=h_logits, cache=cache)
 
     def _hidden_left_padded(self, ids_BT, mask_BT, states, cache):

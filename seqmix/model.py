@@ -52,12 +52,11 @@ class HybridLM(nn.Module):
     def __init__(self, config: ModelConfig, registry=None):
         super().__init__()
         from seqmix.registry import load_registry
-        from seqmix.spec import parse_spec
 
         registry = registry or load_registry()
         self.config = config
         self.registry = registry
-        self.layer_specs = layers = parse_spec(config.spec, registry)
+        self.layer_specs = layers = config.layers(registry)
         D = config.d_model
         self.embed = nn.Embedding(config.padded_vocab_size, D)
         nn.init.normal_(self.embed.weight, std=config.init_std)
@@ -77,6 +76,11 @@ class HybridLM(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """The LM head: logits [..., vocab_size] over the real vocabulary (never the padded tail) from final-normed
+        hidden states [..., D]. Every path to logits (forward, step, generate, seqmix.hf) goes through it."""
+        return F.linear(h_BTD, self.head_weight())[..., : self.config.vocab_size]
 
     def hidden(self, tokens_BT: torch.Tensor, states: Optional[States] = None, return_states: bool = False):
         """Final-normed hidden states [B, T, D] (and the per-block states if asked)."""
@@ -102,12 +106,14 @@ class HybridLM(nn.Module):
         """
         out = self.hidden(tokens_BT, states, return_states)
         h_BTD, new_states = out if return_states else (out, None)
-        logits = F.linear(h_BTD, self.head_weight())[..., : self.config.vocab_size]
+        logits = self.logits(h_BTD)
         return (logits, new_states) if return_states else logits
 
-    def loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy (targets already shifted by the caller), computed in fp32."""
-        logits = self(tokens_BT)
+    def loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor, ignore_index: int = -100, *,
+             logits_BTV: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean next-token cross-entropy in fp32; targets are already shifted by the caller (targets_BT[:, t] is
+        the token after tokens_BT[:, t]). `logits_BTV`: the logits of `tokens_BT` when the caller has them."""
+        logits = self(tokens_BT) if logits_BTV is None else logits_BTV
         return F.cross_entropy(logits.float().flatten(0, 1), targets_BT.flatten(), ignore_index=ignore_index)
 
     def select_impls(self) -> None:
@@ -130,8 +136,7 @@ class HybridLM(nn.Module):
         for block, st in zip(self.blocks, states):
             x_BD, st = block.step(x_BD, st)
             new_states.append(st)
-        logits = F.linear(self.norm_f(x_BD), self.head_weight())[..., : self.config.vocab_size]
-        return logits, new_states
+        return self.logits(self.norm_f(x_BD)), new_states
 
     def generate(self, input_ids, **kwargs) -> torch.Tensor:
         """New tokens [B, N] continuing each prompt: prefill, then decode steps (CUDA-graphed on GPU).

@@ -244,15 +244,14 @@ def check_model_conformance(
     registry=None,
 ):
     """A whole HybridLM: prefill + step == forward, chunked prefill == forward, causality, state bytes."""
-    from seqmix.config import ModelConfig
+    from seqmix.config import resolve_model
     from seqmix.model import HybridLM
     from seqmix.registry import load_registry
-    from seqmix.spec import format_spec, parse_spec
 
     registry = registry or load_registry()
-    canonical = format_spec(parse_spec(spec, registry), registry)
+    cfg = resolve_model(spec, d_model=d_model, n_heads=n_heads, vocab_size=vocab_size, max_seqlen=T,
+                        registry=registry)
     torch.manual_seed(0)
-    cfg = ModelConfig(spec=canonical, d_model=d_model, n_heads=n_heads, vocab_size=vocab_size, max_seqlen=T)
     model = HybridLM(cfg, registry).to(device=device, dtype=dtype)
     tokens = torch.randint(0, vocab_size, (B, T), device=device)
     with torch.no_grad():

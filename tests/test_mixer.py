@@ -1,10 +1,13 @@
 """The Mixer base's bookkeeping: args bound and validated once, one implementation table resolved per device
-(logged once, re-resolved on moves), registration checks."""
+(logged once, re-resolved on moves), registration checks; and the public face of `import seqmix`."""
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import seqmix
 from seqmix.builtins.conv import BaseConv
 from seqmix.builtins.mlp import SwiGLU
 from seqmix.mixer import Arg, ArgError, BlockContext, Impl, Mixer, validate_mixer_class
@@ -77,3 +80,22 @@ def test_a_kernel_that_cannot_run_says_what_is_missing(monkeypatch):
     with pytest.raises(RuntimeError, match=r"conv impl='triton' cannot run on this machine \(cpu\): the Triton "
                                            r"kernels need a CUDA device.*Use one of: auto, reference\."):
         BaseConv(CTX, impl="triton")
+
+
+def test_import_seqmix_is_cheap_and_the_public_face_works(tmp_path):
+    code = f"""
+import sys
+import seqmix
+assert not {{'torch', 'transformers', 'triton'}} & set(sys.modules), sorted(sys.modules)
+model = seqmix.build("conv,mlp", d_model=16, n_heads=2, vocab_size=64)
+seqmix.save(model, {str(tmp_path / 'm')!r})
+again = seqmix.load({str(tmp_path / 'm')!r})
+import torch
+ids = torch.randint(0, 64, (2, 7))
+assert torch.equal(model(ids), again(ids))
+assert seqmix.format_spec(seqmix.parse_spec("(conv,mlp)*2")) == "conv,mlp,conv,mlp"
+assert not {{'transformers', 'triton'}} & set(sys.modules)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert seqmix.Mixer is Mixer and seqmix.Arg is Arg and seqmix.hookimpl is not None
+    assert set(seqmix.__all__) >= {"build", "load", "save", "parse_spec", "format_spec", "Mixer", "Arg", "hookimpl"}

@@ -170,3 +170,25 @@ def test_auto_kernels_are_re_resolved_when_the_model_moves(monkeypatch):
         explicit = build_model(resolve_model("based:parallel,mlp", d_model=64, n_heads=4, vocab_size=97))
     with pytest.raises((RuntimeError, ValueError), match="(?i)cuda"):
         explicit(ids)
+
+
+def test_the_spec_is_parsed_once_and_every_logit_comes_from_one_head(monkeypatch):
+    import seqmix.spec
+
+    parsed, heads = [], []
+    real_parse = seqmix.spec.parse_spec
+    monkeypatch.setattr(seqmix.spec, "parse_spec", lambda text, *a, **k: parsed.append(text) or real_parse(text, *a, **k))
+    cfg = resolve_model("conv,(based,mlp)*2", d_model=32, n_heads=4, vocab_size=61)
+    model = build_model(cfg).eval()
+    assert parsed == ["conv,(based,mlp)*2"]  # resolve_model's parse is kept with the config: HybridLM reuses it
+    assert cfg.layers() == model.layer_specs and len(model.blocks) == 5
+    loaded = type(cfg).from_dict(cfg.to_dict())  # config.json holds the canonical string only
+    assert "_layers" not in cfg.to_dict() and loaded.layers() == cfg.layers() and len(parsed) == 2
+    real_logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda h: heads.append(tuple(h.shape)) or real_logits(h))
+    ids = torch.randint(0, 61, (2, 5))
+    with torch.no_grad():
+        model(ids)
+        model.step(ids[:, 0], model.init_states(2, 8))
+        model.generate(ids, max_new_tokens=2, temperature=0)
+    assert heads == [(2, 5, 32), (2, 32), (2, 32), (2, 32)]  # forward, step, generate's prefill and one step
