@@ -87,8 +87,9 @@ def prefill_chunks(model, prompts: list[torch.Tensor], states: Optional[list], *
 
     Prompts of equal length L form one unpadded batch (so no padding ever enters a state); each forward sees
     at most `max_tokens` tokens (rows, then time chunks with the state carried, bound the memory). `states`
-    (one entry per block, batch = len(prompts), fresh) may be None when no state is wanted. Yields, per
-    forward, (row indices idx_G, the chunk's first position t0 in the prompt, L, hidden states h_GtD).
+    (one entry per block, batch = len(prompts), fresh) may be None when no state is wanted. A group's first
+    chunk goes through `model.prefill` (each mixer's fresh fast path), later chunks continue the state. Yields,
+    per forward, (row indices idx_G, the chunk's first position t0 in the prompt, L, hidden states h_GtD).
     """
     lengths = [int(p.numel()) for p in prompts]
     for L in sorted(set(lengths) - {0}):
@@ -100,7 +101,11 @@ def prefill_chunks(model, prompts: list[torch.Tensor], states: Optional[list], *
             group = None if states is None else [None if s is None else {k: v[idx_G] for k, v in s.items()}
                                                  for s in states]
             for t0 in range(0, L, max_tokens):
-                h_GtD, group = model.hidden(tokens_GL[:, t0:t0 + max_tokens], group, return_states=True)
+                chunk_Gt = tokens_GL[:, t0:t0 + max_tokens]
+                if t0 == 0 and group is not None:
+                    h_GtD = model.prefill(chunk_Gt, group)
+                else:
+                    h_GtD, group = model.hidden(chunk_Gt, group, return_states=True)
                 yield idx_G, t0, L, h_GtD
             for s, g in zip(states or (), group):
                 for k, v in (s or {}).items():

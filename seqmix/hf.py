@@ -5,8 +5,8 @@ After the import, a directory written by `HybridLM.save_pretrained` loads with
 beam search, left-padded batches). The wrapper holds the HybridLM as `.model`; its states travel between
 generate's forward calls in a `SeqmixCache`, one seqmix state per block, allocated once for the whole
 generation (`_prepare_cache_for_generation` knows the final length). Decode steps (one token with a cache)
-go through `HybridLM.step`, CUDA-graphed on a GPU; prefill through the parallel forward with the states
-returned.
+go through `HybridLM.step`, CUDA-graphed on a GPU; the first forward through `HybridLM.prefill` into the
+cache's fresh states (each mixer's fresh fast path), later chunks through the forward with the states carried.
 
 Left padding is exact: rows with the same number of real tokens are run as one unpadded batch, so no pad
 token ever enters a state (the outputs at padded positions are zeros). This module imports transformers;
@@ -265,6 +265,8 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
             states = None if cache is None else cache.states
             if mask_BT is not None:
                 h_BTD, new = self._hidden_left_padded(input_ids, mask_BT, states, cache)
+            elif cache is not None and cache.seen_tokens == 0:  # fresh states: each mixer's fresh fast path
+                h_BTD, new = self.model.prefill(input_ids, states), states
             elif cache is not None:
                 h_BTD, new = self.model.hidden(input_ids, states, return_states=True)
             else:

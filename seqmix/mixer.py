@@ -161,11 +161,14 @@ class Mixer(nn.Module, metaclass=MixerMeta):
     device: `auto` is re-resolved when the module moves) and `self.ops["impl"]` (what that Impl loaded).
 
     Shapes: x_BTD is [batch, time, d_model]; x_BD is one token per sequence.
-    Semantics every implementation must honour (checked by `seqmix.testing`):
+    The state rules (checked by `seqmix.testing`):
+      * A state is None (stateless) or a flat dict of tensors, each with the batch first ([B, ...]): rows can be
+        gathered and scattered (generation groups prompts by length, beam search reorders rows).
       * forward(x, state=None) equals forward(x, state=init_state(B, max_seqlen=T)).
       * forward(x2, state=forward(x1, return_state=True)[1]) equals forward(cat(x1, x2))[:, T1:]; a given state
         is updated in place and returned.
-      * step(x_t, state) equals forward at position t; step may update state in place.
+      * prefill(x, state) on a fresh init_state equals forward(x) and leaves the state forward would return.
+      * step(x_t, state) equals forward at position t and updates the state's tensors in place (CUDA graphs).
       * state_bytes(B, T, dtype) equals the bytes init_state(B, max_seqlen=T, dtype=dtype) allocates.
     """
 
@@ -190,6 +193,22 @@ class Mixer(nn.Module, metaclass=MixerMeta):
         self, x_BTD: torch.Tensor, *, state: State = None, return_state: bool = False
     ) -> Union[torch.Tensor, tuple[torch.Tensor, State]]:
         raise NotImplementedError
+
+    def prefill(self, x_BTD: torch.Tensor, state: State) -> torch.Tensor:
+        """The first chunk of fresh sequences: y_BTD, with `state` (fresh, from init_state) filled in place.
+
+        Default: forward(x, return_state=True) (the fresh path) and a copy into the preallocated tensors;
+        override where the preallocated state has another shape than forward's (a KV cache of max_seqlen).
+        """
+        if state is None:
+            return self.forward(x_BTD)
+        y_BTD, new = self.forward(x_BTD, return_state=True)
+        for k, v in state.items():
+            if new[k].shape != v.shape:
+                raise RuntimeError(f"{self.name}.prefill: forward's state {k!r} has shape {tuple(new[k].shape)}, "
+                                   f"the preallocated one {tuple(v.shape)}; override prefill to fill it")
+            v.copy_(new[k])
+        return y_BTD
 
     def init_state(
         self, batch_size: int, *, max_seqlen: int, device=None, dtype: torch.dtype = torch.float32

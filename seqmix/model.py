@@ -41,6 +41,9 @@ class Block(nn.Module):
             return x_BTD + h.float(), state
         return x_BTD + out.float()
 
+    def prefill(self, x_BTD: torch.Tensor, state: State) -> torch.Tensor:
+        return x_BTD + self.mixer.prefill(self.norm(x_BTD), state).float()
+
     def step(self, x_BD: torch.Tensor, state: State):
         h, state = self.mixer.step(self.norm(x_BD), state)
         return x_BD + h.float(), state
@@ -123,6 +126,14 @@ class HybridLM(nn.Module):
             block.mixer.select_impls()
 
     # -- decoding ---------------------------------------------------------------------------------
+    def prefill(self, tokens_BT: torch.Tensor, states: States) -> torch.Tensor:
+        """The first chunk of fresh sequences: fills `states` (fresh, from init_states) in place, each mixer on
+        its fresh fast path (`Mixer.prefill`); returns the final-normed hidden states [B, T, D] (`logits(h)`)."""
+        x_BTD = self.embed(tokens_BT).float()
+        for block, st in zip(self.blocks, states):
+            x_BTD = block.prefill(x_BTD, st)
+        return self.norm_f(x_BTD)
+
     def init_states(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> States:
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device

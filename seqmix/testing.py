@@ -6,9 +6,11 @@ Use from a plugin's tests:
     def test_conformance(): check_mixer_conformance("swa:7", dtype=torch.float32)
 
 Each check compares against a reference path of the same mixer: parallel views agree with each other and with
-the token recurrence (`step`), `step` after a prefill continues the forward, chunked prefill with a carried state
-equals one forward, gradients are finite and agree between views, outputs are causal, and `state_bytes` equals
-the bytes `init_state` allocates (and does not grow with length unless the state kind is "cache").
+the token recurrence (`step`), `prefill` into a fresh state and `step` after it continue the forward, chunked
+prefill with a carried state equals one forward, gradients are finite and agree between views, outputs are
+causal, and `state_bytes` equals the bytes `init_state` allocates (and does not grow with length unless the state
+kind is "cache"). The state rules are checked too: a flat dict of batch-first tensors whose rows can be gathered
+and scattered, and a `step` that updates them in place; and `self.args` (with the weights) rebuilds the mixer.
 """
 from __future__ import annotations
 
@@ -152,6 +154,78 @@ def check_step_after_prefill(mixer: Mixer, x_BTD, y_BTD, dtype, prefill: int) ->
     assert_close(torch.stack(ys, 1), y_BTD[:, prefill:], dtype, f"{mixer.name}: step after a {prefill}-token prefill")
 
 
+def check_prefill(mixer: Mixer, x_BTD, y_BTD, dtype, prefill: int) -> None:
+    """`prefill` fills a fresh preallocated state in place (the tensors stay the caller's) and equals forward;
+    steps after it continue the forward."""
+    B, T, _ = x_BTD.shape
+    state = mixer.init_state(B, max_seqlen=T, device=x_BTD.device, dtype=x_BTD.dtype)
+    held = dict(state or {})
+    y0 = mixer.prefill(x_BTD[:, :prefill], state)
+    assert_close(y0, y_BTD[:, :prefill], dtype, f"{mixer.name}: prefill into a fresh state vs forward")
+    _check_same_tensors(mixer, held, state, "prefill")
+    ys = []
+    for t in range(prefill, T):
+        y_t, state = mixer.step(x_BTD[:, t], state)
+        ys.append(y_t)
+    assert_close(torch.stack(ys, 1), y_BTD[:, prefill:], dtype, f"{mixer.name}: step after prefill()")
+
+
+def _check_same_tensors(mixer: Mixer, held: dict, state, what: str) -> None:
+    if state is None and not held:
+        return
+    if not isinstance(state, dict) or set(state) != set(held):
+        raise AssertionError(f"{mixer.name}: {what} must update the state dict in place, got "
+                             f"{type(state).__name__} {sorted(state) if isinstance(state, dict) else ''}")
+    for k, v in held.items():
+        if state[k] is not v:
+            raise AssertionError(f"{mixer.name}: {what} replaced state[{k!r}] by a new tensor; it must update the "
+                                 f"caller's tensors in place (CUDA graphs replay over them)")
+
+
+def check_state_rules(mixer: Mixer, x_BTD, dtype, prefill: int) -> None:
+    """A state is None or a flat dict of tensors, each with the batch first; rows gathered into another order
+    (generation groups prompts by length, beam search reorders) continue as their own sequences, and scattered
+    back give the same state; `step` updates the tensors in place."""
+    B, T, _ = x_BTD.shape
+    state = mixer.init_state(B, max_seqlen=T, device=x_BTD.device, dtype=x_BTD.dtype)
+    if state is None:
+        return
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AssertionError(f"{mixer.name}: a state must be a flat dict of tensors (or None), got {state!r:.200}")
+    for k, v in state.items():
+        if v.dim() == 0 or v.shape[0] != B:
+            raise AssertionError(f"{mixer.name}: state[{k!r}] has shape {tuple(v.shape)}; every state tensor must "
+                                 f"have the batch first ([B, ...], B = {B}) so rows can be gathered and scattered")
+    mixer(x_BTD[:, :prefill], state=state, return_state=True)
+    rows = torch.arange(B, device=x_BTD.device).roll(1)  # another order of the same rows
+    gathered = {k: v[rows] for k, v in state.items()}
+    held = dict(state)
+    y_B, stepped = mixer.step(x_BTD[:, prefill], state)
+    _check_same_tensors(mixer, held, stepped, "step")
+    y_g, gathered = mixer.step(x_BTD[rows, prefill], gathered)
+    assert_close(y_g, y_B[rows], dtype, f"{mixer.name}: step on gathered state rows vs the same rows of the batch")
+    back = {k: torch.empty_like(v) for k, v in stepped.items()}
+    for k, v in back.items():
+        v[rows] = gathered[k]
+        assert_close(v, stepped[k], dtype, f"{mixer.name}: state[{k!r}] gathered, stepped and scattered back")
+
+
+def check_rebuild(mixer: Mixer, x_BTD, y_BTD, dtype) -> None:
+    """`type(m)(m.ctx, **m.args)` with m's weights is m: the same parameters, implementations and outputs (what a
+    saved config + weights must reproduce)."""
+    declared = [a.name for a in type(mixer).spec_args]
+    if list(mixer.args) != declared:
+        raise AssertionError(f"{mixer.name}: self.args has {list(mixer.args)}, the declared args are {declared}")
+    other = _rebuild(mixer)
+    shapes = {k: tuple(v.shape) for k, v in mixer.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in other.state_dict().items()} != shapes:
+        raise AssertionError(f"{mixer.name}: rebuilding from self.args gives other parameters than the mixer's")
+    impls = {a: getattr(mixer, a) for a in type(mixer).impl_tables()}
+    if {a: getattr(other, a) for a in impls} != impls:
+        raise AssertionError(f"{mixer.name}: rebuilding from self.args picks other implementations than {impls}")
+    assert_close(other(x_BTD), y_BTD, dtype, f"{mixer.name}: rebuilt from self.args and the weights vs the mixer")
+
+
 def check_chunked_prefill(mixer: Mixer, x_BTD, y_BTD, dtype, chunks: Sequence[int] = CHUNKS) -> None:
     """forward over chunks with the state carried from init_state equals one forward."""
     B, T, _ = x_BTD.shape
@@ -222,9 +296,13 @@ def check_mixer_conformance(
         y2, _ = mixer(x, state=None, return_state=True)
         assert_close(y2, y, dtype, f"{mixer.name}: forward with return_state=True vs plain forward")
         check_recurrence(mixer, x, y, dtype)
-        check_step_after_prefill(mixer, x, y, dtype, prefill if prefill is not None else T // 2 + 1)
+        p = prefill if prefill is not None else T // 2 + 1
+        check_step_after_prefill(mixer, x, y, dtype, p)
+        check_prefill(mixer, x, y, dtype, p)
         check_chunked_prefill(mixer, x, y, dtype)
         check_causality(mixer, x, y, T // 3)
+        check_state_rules(mixer, x, dtype, p)
+        check_rebuild(mixer, x, y, dtype)
     check_state_bytes(mixer, B, T, dtype, device)
     check_gradients(mixer, x)
     check_views_agree(mixer, x, dtype)

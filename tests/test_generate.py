@@ -282,3 +282,74 @@ def test_bench_generate_quick_writes_the_table(tmp_path):
         ("based:feature_dim=4,s...", "1"), ("based:feature_dim=4,s...", "2"), ("attn,mlp", "1"), ("attn,mlp", "2")]
     assert all(float(r[4].replace(",", "")) > 0 for r in rows[:4])  # decode tokens/s
     assert "step / floor" in table and "Peak decode throughput" in table
+
+
+# -- prefill: each sequence's first chunk through Mixer.prefill ---------------------------------------------
+def _spy_prefill(model, calls: list):
+    """Record (block, tokens) of every Mixer.prefill and every forward that continues a state."""
+    for i, block in enumerate(model.blocks):
+        mixer = block.mixer
+        real_prefill, real_forward = mixer.prefill, mixer.forward
+
+        def prefill(x_BTD, state, _i=i, _f=real_prefill):
+            calls.append(("prefill", _i, x_BTD.shape[1]))
+            return _f(x_BTD, state)
+
+        def forward(x_BTD, *, state=None, return_state=False, _i=i, _f=real_forward):
+            if state is not None:
+                calls.append(("continue", _i, x_BTD.shape[1]))
+            return _f(x_BTD, state=state, return_state=return_state)
+
+        mixer.prefill, mixer.forward = prefill, forward
+
+
+def test_generate_prefills_each_first_chunk_and_continues_the_rest():
+    spec = "based:feature_dim=4,swa:4,attn:4:2,mamba:d_state=4,conv,mlp"
+    model, calls = tiny_model(spec), []
+    want = [naive_greedy(model, p, N_NEW) for p in (PROMPTS[3], PROMPTS[1])]
+    _spy_prefill(model, calls)
+    got = model.generate([PROMPTS[3], PROMPTS[1]], max_new_tokens=N_NEW, temperature=0, prefill_tokens=6)
+    assert got.tolist() == want
+    # one group per length (1, then 13); 13 tokens in chunks of 6: 6 prefilled, 6 + 1 continued (the stateless
+    # mlp's forward gets no state)
+    blocks, stateful = range(len(model.blocks)), range(len(model.blocks) - 1)
+    assert calls == ([("prefill", i, 1) for i in blocks] + [("prefill", i, 6) for i in blocks]
+                     + [("continue", i, 6) for i in stateful] + [("continue", i, 1) for i in stateful])
+
+
+def test_hf_forward_prefills_a_fresh_cache():
+    pytest.importorskip("transformers")
+    from seqmix.hf import SeqmixForCausalLM
+
+    model, calls = tiny_model("swa:4,attn:4:2,mlp"), []
+    want = naive_greedy(model, PROMPTS[2], N_NEW)
+    _spy_prefill(model, calls)
+    hf = SeqmixForCausalLM.from_hybrid(model).eval()
+    out = hf.generate(torch.tensor([PROMPTS[2]]), max_new_tokens=N_NEW, do_sample=False)
+    assert out[0, len(PROMPTS[2]):].tolist() == want
+    assert calls == [("prefill", i, len(PROMPTS[2])) for i in range(3)]  # then decode steps only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_prefill_takes_the_swa_kernel_and_the_causal_fast_path(monkeypatch):
+    """On a GPU, generate's prefill runs swa's banded Triton kernel and attn's is_causal SDPA (no mask)."""
+    import torch.nn.functional as F
+
+    model = tiny_model("swa:4,attn:4:2,mlp").cuda()
+    swa = model.blocks[0].mixer
+    assert swa.impl == "triton"
+    seen = []
+    kernel = swa.ops["impl"]
+    swa.ops["impl"] = lambda q, k, v, w: seen.append(("swa kernel", q.shape[1])) or kernel(q, k, v, w)
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        if is_causal:
+            seen.append(("causal sdpa", q.shape[2]))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    got = model.generate([PROMPTS[3]], max_new_tokens=N_NEW, temperature=0, cuda_graph=False)
+    assert seen == [("swa kernel", len(PROMPTS[3])), ("causal sdpa", len(PROMPTS[3]))]
+    assert_greedy_tokens(model, PROMPTS[3], got[0].tolist(), torch.float32)

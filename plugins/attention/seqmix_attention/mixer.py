@@ -119,6 +119,18 @@ class CausalAttention(Mixer):
         self._write(state, k_BTKD, v_BTKD)
         return y_BTD, state
 
+    def prefill(self, x_BTD, state: State):
+        """A fresh sequence on the causal fast path (SDPA is_causal, no mask), its keys written into rows
+        [0, T) of the preallocated cache."""
+        B, T, D = x_BTD.shape
+        if T > state["k"].shape[1]:
+            raise RuntimeError(f"attn KV cache overflow: a prefill of {T} tokens > max_seqlen {state['k'].shape[1]}; "
+                               f"allocate the state with init_state(batch, max_seqlen>={T})")
+        q_BTHD, k_BTKD, v_BTKD = self._qkv(x_BTD, 0)
+        y_BTD = self.out_proj(self._sdpa(q_BTHD, k_BTKD, v_BTKD).reshape(B, T, D))
+        self._write(state, k_BTKD, v_BTKD)
+        return y_BTD
+
     def _write(self, state: dict, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor) -> None:
         """Store a chunk's keys/values at rows pos .. pos + T - 1 of each sequence and advance pos, in place."""
         B, T = k_BTKD.shape[:2]

@@ -48,7 +48,7 @@ class SlidingWindowAttention(Mixer):
     Decode state, constant in the sequence length:
         {"k": [B, W, H, Dh], "v": [B, W, H, Dh], "pos": int64 [B]}
     a ring buffer where token p (keys stored after rotary) sits in slot p % W; pos = tokens seen so far.
-    impl="triton" runs the attention of a fresh sequence (training, and a prefill from no state) with the
+    impl="triton" runs the attention of a fresh sequence (training, and `prefill`) with the
     banded Triton kernel (`seqmix_swa.kernel.swa_attn`, O(T * W)); a forward that continues a carried state and
     `step` attend over the W ring slots + the new tokens with PyTorch's SDPA on every impl.
     """
@@ -120,6 +120,13 @@ class SlidingWindowAttention(Mixer):
                 return y_BTD
         self._write(state, k_BTHD, v_BTHD)
         return y_BTD, state
+
+    def prefill(self, x_BTD, state: State):
+        """A fresh sequence on the fresh path (the banded kernel under impl=triton), its last W keys written
+        into the preallocated ring."""
+        y_BTD, k_BTHD, v_BTHD = self._fresh(x_BTD)
+        self._write(state, k_BTHD, v_BTHD)
+        return y_BTD
 
     def _fresh(self, x_BTD):
         """y [B, T, D] of a sequence from position 0, and its k, v [B, T, H, Dh] (RoPE applied to k)."""
