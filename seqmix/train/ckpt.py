@@ -125,7 +125,8 @@ def export_model(model, tokenizer_name: str, directory: Path, rank: int) -> Opti
     stage) as a seqmix model directory: config.json + model.safetensors + tokenizer_config.json."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from seqmix.checkpoint import publish_dir, save_pretrained
+    from seqmix.io import save
+    from seqmix.io.files import publish_dir
     from seqmix.model import build_model
     from seqmix.tokenizer import save_tokenizer_config
 
@@ -147,7 +148,7 @@ def export_model(model, tokenizer_name: str, directory: Path, rank: int) -> Opti
         fresh.load_state_dict(state)
         tmp = directory.with_name(f".{directory.name}.export-tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(fresh, tmp)
+        save(fresh, tmp)
         save_tokenizer_config(tmp, tokenizer_name)
         publish_dir(tmp, directory)
         out = directory
