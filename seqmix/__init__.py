@@ -31,17 +31,17 @@ def build(spec_or_name: str, *, layers=None, d_model=None, n_heads=None, vocab_s
 
 
 def load(name_or_path, **kwargs):
-    """A model from a seqmix directory, an importable checkpoint or a hub name (seqmix.checkpoint.from_pretrained)."""
-    from seqmix.checkpoint import from_pretrained
+    """A model from a seqmix directory, an importable checkpoint or a hub name (seqmix.io.load)."""
+    from seqmix.io import load as _load
 
-    return from_pretrained(name_or_path, **kwargs)
+    return _load(name_or_path, **kwargs)
 
 
 def save(model, directory, **kwargs):
-    """config.json + safetensors in `directory`, written atomically (seqmix.checkpoint.save_pretrained)."""
-    from seqmix.checkpoint import save_pretrained
+    """config.json + safetensors in `directory`, written atomically (seqmix.io.save)."""
+    from seqmix.io import save as _save
 
-    return save_pretrained(model, directory, **kwargs)
+    return _save(model, directory, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -227,6 +227,19 @@ class Mixer(nn.Module, metaclass=MixerMeta):
     def flops_per_token(self, seqlen: int) -> int:
         """Forward FLOPs (2 per multiply-add) for one token at context length `seqlen`."""
         return 2 * sum(p.numel() for p in self.parameters() if p.dim() >= 2)
+
+    # -- foreign checkpoints ----------------------------------------------------------------------
+    @classmethod
+    def import_weights(cls, source: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This mixer's parameters (its own names, e.g. "out_proj.weight") from one layer of a foreign checkpoint.
+
+        `source` names the format (the model_type its importer registered: "based-repo", "llama", "mamba", or a
+        plugin's); `tensors` holds the layer's tensors under the checkpoint's names, its layer prefix removed
+        (e.g. "q_proj.weight" of "model.layers.3.self_attn."). Fuse, split or reshape as the format needs. Read
+        the names you use with `tensors[name]`: a missing one raises KeyError, which the importer reports as a
+        missing key of that layer, and every tensor you do not read is reported as unexpected. The default
+        keeps every name as is (a format that uses this mixer's own names)."""
+        return dict(tensors)
 
     # -- the bookkeeping --------------------------------------------------------------------------
     @classmethod

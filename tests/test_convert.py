@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from seqmix.checkpoint import from_pretrained, save_pretrained
+from seqmix.io import load, save
 from seqmix.cli import main
 from seqmix.config import NAMED_ARCHS, ModelConfig, resolve_model
-from seqmix.convert import ConversionError, based_repo_model_config, convert_based_repo
+from seqmix.io import ConversionError
+from seqmix.io.importers.based_repo import based_repo_model_config, convert_based_repo
 from seqmix.model import build_model
 
 TOL = 1e-5  # relative (norm) error of the converted fp32 model's logits against the fp64 naive model
@@ -309,7 +310,7 @@ def test_convert_cli_writes_a_model_directory(tmp_path):
     src = write_checkpoint(tmp_path / "based", BASED)
     r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
-    loaded, direct = from_pretrained(tmp_path / "out"), convert_based_repo(src)
+    loaded, direct = load(tmp_path / "out"), convert_based_repo(src)
     tokens = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(loaded(tokens), direct(tokens))
@@ -342,8 +343,8 @@ def test_round_trip_all_six_mixers_identical_logits_and_generation(tmp_path):
     config = resolve_model("conv,based:feature_dim=4,swa:5,attn,mamba:4,mlp", d_model=32, n_heads=4,
                            vocab_size=61, max_seqlen=64)
     model = build_model(config)
-    out = save_pretrained(model, tmp_path / "m")
-    loaded = from_pretrained(out)
+    out = save(model, tmp_path / "m")
+    loaded = load(out)
     assert loaded.config == model.config
     tokens = torch.randint(0, 61, (3, 21), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

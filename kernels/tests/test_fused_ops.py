@@ -14,8 +14,8 @@ from seqmix_kernels.testing import (DEVICE, HAS_CUDA, HAS_TRITON, import_kernel_
                                     kernel_test_fixture)
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
-norm_mod, rot_mod = import_kernel_modules("seqmix_kernels.triton_ops.rmsnorm",
-                                          "seqmix_kernels.triton_ops.rotary") or (None, None)
+norm_mod, rot_mod = import_kernel_modules("seqmix_kernels.rmsnorm.triton",
+                                          "seqmix_kernels.rotary.triton") or (None, None)
 DTYPES = kernel_dtypes()
 _kernel_env = kernel_test_fixture(norm_mod, rot_mod)
 

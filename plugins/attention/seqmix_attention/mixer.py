@@ -1,7 +1,7 @@
 """`attn`: causal softmax attention with RoPE and grouped KV heads, decoded from a preallocated KV cache."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -178,3 +178,13 @@ class CausalAttention(Mixer):
         D, Dh = self.ctx.d_model, self.head_dim
         proj = D * (self.n_heads + 2 * self.n_kv_heads) * Dh + D * D
         return 2 * proj + 2 * 2 * seqlen * D
+
+    @classmethod
+    def import_weights(cls, source: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """transformers' LlamaAttention has separate projections: Wqkv = [q_proj | k_proj | v_proj] (rows; the
+        K/V blocks have num_key_value_heads heads), out_proj = o_proj. The Based repo's MHA has this mixer's
+        names (Wqkv, out_proj)."""
+        if source != "llama":
+            return super().import_weights(source, tensors)
+        return {"Wqkv.weight": torch.cat([tensors[f"{n}_proj.weight"] for n in "qkv"]),
+                "out_proj.weight": tensors["o_proj.weight"]}

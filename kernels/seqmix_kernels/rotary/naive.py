@@ -4,10 +4,10 @@
 ceil(R/2) frequencies base^(-2i / R) (the denominator is R itself) rotating the first 2 * ceil(R/2) channels
 rotate-half style, so an odd R = 35 rotates 36 channels. `rotated_channels(R)` gives that width.
 
-The Triton twin (same signature) is `triton_ops/rotary.py::rotary`; `rotary_fn(impl)` picks one. Both take
-their angles from `rotary_cos_sin`, so they rotate by bit-identical fp32 cos/sin.
+The Triton twin (same signature) is `seqmix_kernels.rotary.triton.rotary`; `seqmix_kernels.rotary.rotary_fn(impl)`
+picks one. Both take their angles from `rotary_cos_sin`, so they rotate by bit-identical fp32 cos/sin.
 """
-from typing import Callable, Union
+from typing import Union
 
 import torch
 
@@ -69,14 +69,3 @@ def rotary_ref(
     rot = torch.cat([-x2, x1], -1)
     out = (xr * cos_BT1R + rot * sin_BT1R).to(x_BTHD.dtype)
     return torch.cat([out, x_BTHD[..., 2 * n :]], -1) if 2 * n < D else out
-
-
-def rotary_fn(impl: str) -> Callable:
-    """`rotary` for a resolved impl ("reference" or "triton", as a mixer's `seqmix.mixer.Impl` table chose it)."""
-    if impl == "reference":
-        return rotary_ref
-    if impl == "triton":
-        from seqmix_kernels.triton_ops.rotary import rotary
-
-        return rotary
-    raise ValueError(f"rotary impl must be 'reference' or 'triton', got {impl!r}")

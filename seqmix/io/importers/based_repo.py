@@ -10,40 +10,43 @@ Which mixer a Based-repo layer holds: `alt_mixer_2_layers` (sliding window) is c
 config has no `mixer` entry (the attention baselines). The window convention differs: the Based
 repo's `window_size: w` lets a query see itself and the w//2 previous tokens, i.e. seqmix `swa:{w//2 + 1}`.
 
-Loading is safe: `.bin` files go through `torch.load(weights_only=True)`; safetensors is preferred when present;
-sharded checkpoints (`*.index.json`) load like single files.
+This module knows the format only (which config keys make a layer which kind, layer -> block, embedding, norms,
+head, the rotary buffers); each mixer maps its own tensors (`import_weights(SOURCE, ...)`: BaseConv reshapes
+`conv.conv.weight`, the others keep the Based repo's names). Loading is safe: `.bin` files go through
+`torch.load(weights_only=True)`; safetensors is preferred when present; sharded checkpoints load like single files.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from seqmix.config import ModelConfig
+from seqmix.io.files import read_config_json, read_weights
+from seqmix.io.importers.common import Layout, import_checkpoint
+from seqmix.io.strict import ConversionError
+from seqmix.model import HybridLM
+from seqmix.registry import load_registry
+from seqmix.spec import format_spec, make_layer
 
-__all__ = ["convert_checkpoint", "convert_based_repo", "based_repo_model_config", "load_based_repo_state_dict", "ConversionError"]
+__all__ = ["SOURCE", "based_repo_model_config", "convert_based_repo", "import_based_repo", "is_based_repo_config",
+           "load_based_repo_state_dict"]
 
-_LAYER = re.compile(r"blocks\.(\d+)\.(norm|mixer)\.(.+)")
+SOURCE = "based-repo"  # the name this format registers under, and the `source` mixers' import_weights see
 _ROPE_BASE = 10000.0  # the Based repo's rotary base (REFERENCE.md)
-
-
-class ConversionError(ValueError):
-    """A source checkpoint that does not fit the layout its config describes (or that seqmix cannot express)."""
+_INV_FREQ = re.compile(r"transformer\.layers\.(\d+)\.mixer\.rotary_emb\.inv_freq")
 
 
 # -- reading the source -------------------------------------------------------------------------------
 def load_based_repo_state_dict(src_dir: Union[str, Path]) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors with a leading `model.` stripped and `metrics` entries dropped.
 
-    Reads model.safetensors or pytorch_model.bin, single or sharded (seqmix.checkpoint.read_weights; `.bin`
+    Reads model.safetensors or pytorch_model.bin, single or sharded (seqmix.io.files.read_weights; `.bin`
     through `torch.load(weights_only=True)`, so no pickled code is ever run); a Lightning-style checkpoint's
     `state_dict` is unwrapped."""
-    from seqmix.checkpoint import read_weights
-
     raw = read_weights(src_dir)
     if isinstance(raw.get("state_dict"), dict):  # a Lightning-style wrapper
         raw = raw["state_dict"]
@@ -55,12 +58,9 @@ def load_based_repo_state_dict(src_dir: Union[str, Path]) -> dict[str, torch.Ten
     return out
 
 
-def _read_config(src_dir: Union[str, Path]) -> dict[str, Any]:
-    path = Path(src_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a Based-repo checkpoint directory has config.json "
-                                f"and pytorch_model.bin")
-    return json.loads(path.read_text())
+def is_based_repo_config(cfg: dict[str, Any]) -> bool:
+    """Every Based-repo config.json states n_layer (and names no transformers model_type seqmix imports)."""
+    return "n_layer" in cfg
 
 
 # -- config -> spec -----------------------------------------------------------------------------------
@@ -107,6 +107,11 @@ def _refuse_unsupported(cfg: dict[str, Any]) -> None:
             raise ConversionError(f"config.json asks for {what}, which seqmix cannot import exactly")
 
 
+def _rotary(cfg: dict[str, Any], head_dim: int) -> tuple[int, float]:
+    """(rotary dim R, base) of the attention layers: R = int(rotary_emb_fraction * head_dim), 0 when absent."""
+    return int(float(cfg.get("rotary_emb_fraction", 0.0)) * head_dim), float(cfg.get("rotary_emb_base", _ROPE_BASE))
+
+
 def _attn_args(cfg: dict[str, Any], d: int, n_head: int, kind: str) -> dict[str, Any]:
     """Args of an `attn` or `swa` layer. Both take their heads, rotary dim and base from the top-level config
     (the original overrides alt_mixer_2's num_heads with n_head): rotary dim R = int(rotary_emb_fraction *
@@ -116,8 +121,7 @@ def _attn_args(cfg: dict[str, Any], d: int, n_head: int, kind: str) -> dict[str,
         raise ConversionError("config.json asks for attention biases (qkv_proj_bias / out_proj_bias, true unless "
                               "set to false); seqmix's attention layers have none")
     head_dim = d // n_head
-    rot = int(float(cfg.get("rotary_emb_fraction", 0.0)) * head_dim)
-    base = float(cfg.get("rotary_emb_base", _ROPE_BASE))
+    rot, base = _rotary(cfg, head_dim)
     args: dict[str, Any] = {} if rot == head_dim else {"rotary_dim": rot}
     kv = cfg.get("n_head_kv")
     if kind == "swa":
@@ -148,9 +152,6 @@ def based_repo_model_config(cfg: dict[str, Any], keys, registry=None) -> ModelCo
 
     Keys the config leaves out take GPT2Config's defaults, as in the original (vocab 50257, 12 heads). Mamba's
     dt_rank is read from the tensor shapes when `keys` is a {name: tensor} mapping."""
-    from seqmix.registry import load_registry
-    from seqmix.spec import format_spec, make_layer
-
     registry = registry or load_registry()
     shapes = {k: tuple(v.shape) for k, v in keys.items()} if isinstance(keys, dict) else {}
     d = int(cfg.get("n_embd", cfg.get("d_model", 0)))
@@ -212,81 +213,53 @@ def gated_mlp_hidden(cfg: dict[str, Any], d: int) -> int:
 
 
 # -- weights ------------------------------------------------------------------------------------------
-def _source_key(target: str, mamba: bool) -> tuple[str, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
-    """The source checkpoint's name for seqmix parameter `target`, and the reshape it needs (if any)."""
-    if target == "embed.weight":
-        return ("backbone.embedding.weight" if mamba else "transformer.embeddings.word_embeddings.weight"), None
-    if target == "norm_f.weight":
-        return ("backbone.norm_f.weight" if mamba else "transformer.ln_f.weight"), None
-    if target == "lm_head.weight":
-        return "lm_head.weight", None
-    m = _LAYER.fullmatch(target)
-    if m is None:
-        raise ConversionError(f"seqmix parameter {target!r} has no counterpart in the Based-repo layout")
-    b, part, rest = int(m.group(1)), m.group(2), m.group(3)
-    if mamba:
-        return f"backbone.layers.{b}.{part}.{rest}", None
-    layer, is_mlp = divmod(b, 2)
-    prefix = f"transformer.layers.{layer}."
-    if part == "norm":
-        return prefix + ("norm2." if is_mlp else "norm1.") + rest, None
-    if is_mlp:
-        return prefix + "mlp." + rest, None
-    if rest == "conv_weight":  # nn.Conv1d's depthwise [C, 1, K] -> seqmix's [C, K]
-        return prefix + "mixer.conv.conv.weight", lambda w: w.squeeze(1) if w.dim() == 3 else w
-    return prefix + "mixer." + rest, None
-
-
-def _check_rotary_buffers(sd: dict[str, torch.Tensor], model) -> None:
-    """Rotary `inv_freq` buffers are recomputed by seqmix; refuse ones that are not the layer's own RoPE
-    (flash-attn's 1 / base^(arange(0, R, 2) / R) for the layer's rotary dim R and base)."""
+def _checked_rotary_buffers(sd: dict[str, torch.Tensor], cfg: dict[str, Any], config: ModelConfig) -> set[str]:
+    """The attention layers' flash-attn `rotary_emb.inv_freq` buffers, which seqmix recomputes: refuse ones that
+    are not 1 / base^(arange(0, R, 2) / R) for the R and base config.json gives (what seqmix's layer was built
+    with); return their keys. Another layer's buffer is left to be reported as unexpected."""
+    R, base = _rotary(cfg, config.d_model // config.n_heads)
+    want = 1.0 / base ** (torch.arange(0, R, 2, dtype=torch.float64) / R) if R else torch.zeros(0)
+    checked = set()
     for key, inv in sd.items():
-        m = re.fullmatch(r"transformer\.layers\.(\d+)\.mixer\.rotary_emb\.inv_freq", key)
-        if m is None or 2 * int(m.group(1)) >= len(model.blocks):
+        m = _INV_FREQ.fullmatch(key)
+        if m is None or _layer_kind(cfg, int(m.group(1))) not in ("attn", "swa"):
             continue
-        mixer = model.blocks[2 * int(m.group(1))].mixer
-        R, base = getattr(mixer, "rotary_dim", 0), float(getattr(mixer, "rope_base", _ROPE_BASE))
-        want = 1.0 / base ** (torch.arange(0, R, 2, dtype=torch.float64) / R) if R else torch.zeros(0)
         if inv.shape != want.shape or not torch.allclose(inv.double(), want, rtol=1e-4):
             raise ConversionError(f"{key} is not the rotary frequencies of base {base:g} over rotary dim {R} "
                                   f"(from rotary_emb_fraction in config.json); seqmix cannot import a different "
                                   f"rotary embedding")
+        checked.add(key)
+    return checked
 
 
-def _map_state_dict(model, sd: dict[str, torch.Tensor], mamba: bool, src: str) -> dict[str, torch.Tensor]:
-    """Rename and reshape `sd` onto `model`'s parameter names; name every missing/unexpected/misshapen key."""
-    expected = model.state_dict()
-    tied_head = "lm_head.weight" not in expected
-    consumed, out, missing, shapes = set(), {}, [], []
-    for target, want in expected.items():
-        key, fix = _source_key(target, mamba)
-        if key not in sd:
-            missing.append(f"{key} (-> {target})")
-            continue
-        consumed.add(key)
-        t = fix(sd[key]) if fix else sd[key]
-        if t.shape != want.shape:
-            shapes.append(f"{key}: checkpoint {list(sd[key].shape)} vs seqmix {target} {list(want.shape)}")
-            continue
-        out[target] = t.to(want.dtype)
-    for key in sorted(set(sd) - consumed):
-        if tied_head and key == "lm_head.weight":
-            emb = "backbone.embedding.weight" if mamba else "transformer.embeddings.word_embeddings.weight"
-            if emb in sd and sd[emb].shape == sd[key].shape and not torch.equal(sd[emb], sd[key]):
-                raise ConversionError(f"{src}: lm_head.weight differs from {emb}, but the model ties its head "
-                                      f"to the embedding (tie_word_embeddings); refusing to drop the head")
-            consumed.add(key)
-        elif key.endswith("rotary_emb.inv_freq"):
-            consumed.add(key)
-    _check_rotary_buffers(sd, model)
-    unexpected = sorted(set(sd) - consumed)
-    if missing or unexpected or shapes:
-        raise ConversionError(
-            f"{src} does not match the model its config.json describes ({model.config.spec}):\n"
-            f"  missing keys: {missing or 'none'}\n  unexpected keys: {unexpected or 'none'}\n"
-            f"  shape mismatches: {shapes or 'none'}\n"
-            f"Check alt_mixer_layers / alt_mixer_2_layers and the mixer sizes in config.json against the weights.")
-    return out
+def based_repo_layout(cfg: dict[str, Any], config: ModelConfig, mamba: bool) -> Layout:
+    """Where the Based repo keeps what: layer i is blocks 2i (`mixer`, norm1) and 2i+1 (`mlp`, norm2); in the
+    mamba-ssm layout (`backbone.*`) layer i is block i."""
+    n = int(cfg["n_layer"])
+    if mamba:
+        return Layout(embed="backbone.embedding.weight", names={"norm_f.weight": "backbone.norm_f.weight"} | {
+            f"blocks.{i}.norm.weight": f"backbone.layers.{i}.norm.weight" for i in range(n)},
+            mixers={i: f"backbone.layers.{i}.mixer." for i in range(n)})
+    layout = Layout(embed="transformer.embeddings.word_embeddings.weight",
+                    names={"norm_f.weight": "transformer.ln_f.weight"})
+    for i in range(n):
+        layout.names |= {f"blocks.{2 * i}.norm.weight": f"transformer.layers.{i}.norm1.weight",
+                         f"blocks.{2 * i + 1}.norm.weight": f"transformer.layers.{i}.norm2.weight"}
+        layout.mixers |= {2 * i: f"transformer.layers.{i}.mixer.", 2 * i + 1: f"transformer.layers.{i}.mlp."}
+    return layout
+
+
+def import_based_repo(directory: Path, cfg: dict[str, Any], registry) -> HybridLM:
+    """The importer registered for Based-repo checkpoints (seqmix.io.load calls it): a CPU HybridLM."""
+    sd = load_based_repo_state_dict(directory)
+    config = based_repo_model_config(cfg, sd, registry)
+    mamba = _is_mamba(sd)
+    if not mamba:
+        rotary = _checked_rotary_buffers(sd, cfg, config)
+        sd = {k: v for k, v in sd.items() if k not in rotary}
+    return import_checkpoint(
+        config, sd, based_repo_layout(cfg, config, mamba), source=SOURCE, what=str(directory), registry=registry,
+        hint="Check alt_mixer_layers / alt_mixer_2_layers and the mixer sizes in config.json against the weights.")
 
 
 def convert_based_repo(src_dir: Union[str, Path], *, registry=None, dtype: Optional[torch.dtype] = None):
@@ -297,37 +270,6 @@ def convert_based_repo(src_dir: Union[str, Path], *, registry=None, dtype: Optio
     the real vocabulary match the source model; the padded vocabulary rows are kept but never returned.
     Raises ConversionError naming the missing, unexpected and misshapen keys when config and weights disagree.
     """
-    from seqmix.model import build_model
-    from seqmix.registry import load_registry
-
-    registry = registry or load_registry()
-    cfg = _read_config(src_dir)
-    sd = load_based_repo_state_dict(src_dir)
-    config = based_repo_model_config(cfg, sd, registry)
-    model = build_model(config, device="cpu", registry=registry)
-    model.load_state_dict(_map_state_dict(model, sd, _is_mamba(sd), str(src_dir)))
+    cfg = read_config_json(src_dir, "a Based-repo checkpoint directory has config.json and pytorch_model.bin")
+    model = import_based_repo(Path(src_dir), cfg, registry or load_registry())
     return model.to(dtype) if dtype is not None else model
-
-
-def convert_checkpoint(src: Union[str, Path], *, registry=None, revision: Optional[str] = None,
-                       cache_dir: Optional[Union[str, Path]] = None, local_files_only: bool = False):
-    """A HybridLM holding the checkpoint in `src`, a directory or a Hugging Face hub name "org/name" (fetched
-    by seqmix.checkpoint.resolve_model_dir with `revision`, `cache_dir`, `local_files_only`). The format is read
-    from config.json: `model_type` "llama" (LlamaForCausalLM) or "mamba" (MambaForCausalLM) go through
-    seqmix.convert_hf (no transformers needed); "seqmix" is loaded as saved; a config with `n_layer` is read as a
-    Based-repo checkpoint (convert_based_repo)."""
-    from seqmix.checkpoint import from_pretrained, resolve_model_dir
-
-    src_dir = resolve_model_dir(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    cfg = _read_config(src_dir)
-    model_type = cfg.get("model_type")
-    if model_type == "seqmix":
-        return from_pretrained(src_dir, registry=registry)
-    if model_type in ("llama", "mamba"):
-        from seqmix.convert_hf import convert_llama, convert_mamba_hf
-
-        return (convert_llama if model_type == "llama" else convert_mamba_hf)(src_dir, registry=registry)
-    if "n_layer" not in cfg:  # every Based-repo config states n_layer
-        raise ConversionError(f"config.json (model_type {model_type!r}) is neither a Based-repo config (no "
-                              f"n_layer) nor a transformers 'llama' or 'mamba' model; seqmix cannot import it")
-    return convert_based_repo(src_dir, registry=registry)

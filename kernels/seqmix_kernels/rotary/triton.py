@@ -4,7 +4,7 @@
 
 The fp32 cos/sin [B or 1, T, n] come from `rotary_cos_sin` (the reference's own arithmetic, so both paths
 rotate by the same angles; the table is H * D / R times smaller than x). The backward is the same kernel
-rotating by -angle. Twin: `seqmix_kernels.rotary.rotary_ref`.
+rotating by -angle. Twin: `seqmix_kernels.rotary.naive.rotary_ref`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from seqmix_kernels.backend import check_device
-from seqmix_kernels.rotary import check_rotary_dim, rotary_cos_sin
+from seqmix_kernels.rotary.naive import check_rotary_dim, rotary_cos_sin
 
 
 @triton.jit
