@@ -1,5 +1,7 @@
 """Generation: prefill + decode equals a naive full-forward loop for every mixer and hybrids; ragged batches;
 sampling (greedy, top-k, top-p, seeds, real vocabulary only); stop tokens; errors; CUDA graphs on GPU."""
+import copy
+
 import pytest
 import torch
 
@@ -337,6 +339,8 @@ def test_cuda_prefill_takes_the_swa_kernel_and_the_causal_fast_path(monkeypatch)
     import torch.nn.functional as F
 
     model = tiny_model("swa:4,attn:4:2,mlp").cuda()
+    cpu = copy.deepcopy(model).cpu()  # the references, to check the tokens against (a move re-resolves auto)
+    assert cpu.blocks[0].mixer.impl == "reference"
     swa = model.blocks[0].mixer
     assert swa.impl == "triton"
     seen = []
@@ -352,4 +356,4 @@ def test_cuda_prefill_takes_the_swa_kernel_and_the_causal_fast_path(monkeypatch)
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     got = model.generate([PROMPTS[3]], max_new_tokens=N_NEW, temperature=0, cuda_graph=False)
     assert seen == [("swa kernel", len(PROMPTS[3])), ("causal sdpa", len(PROMPTS[3]))]
-    assert_greedy_tokens(model, PROMPTS[3], got[0].tolist(), torch.float32)
+    assert_greedy_tokens(cpu, PROMPTS[3], got[0].tolist(), torch.float32)
