@@ -184,7 +184,7 @@ def plugins_cmd(as_json: bool) -> None:
     console.print(table)
     console.print("* keyword-only argument (name=value)")
     for p in problems:
-        console.print(f"[red]plugin {p['plugin']} ({p['dist']}) failed to load:[/red] {p['error']}")
+        console.print(f"[red]plugin {p['plugin']} ({p['dist']}):[/red] {p['error']}", highlight=False)
 
 
 main.add_command(plugins_cmd, name="mixers")
