@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Optional
+
 import click
 
 
@@ -53,15 +55,19 @@ def build(spec, layers, d_model, heads, vocab, seq_len, as_json, save_dir, forwa
     from seqmix.spec import SpecError
 
     registry = load_registry()
+    if forward_tokens is not None and forward_tokens <= 0:
+        _fail(f"--forward needs a positive token count, got {forward_tokens}")
     try:
         config = resolve_model(spec, layers=layers, d_model=d_model, n_heads=heads, vocab_size=vocab,
                                max_seqlen=seq_len, registry=registry)
-        materialise = save_dir is not None or forward_tokens is not None
-        model = build_model(config, device="cpu" if materialise else "meta", registry=registry)
+        model = build_model(config, device="meta", registry=registry)  # sizes first, nothing allocated
+        if save_dir is not None or forward_tokens is not None:
+            _check_fits(model, forward_tokens, save_dir)
+            model = build_model(config, device="cpu", registry=registry)
     except (SpecError, UnknownMixerError) as e:
         _fail(str(e))
-    except ValueError as e:  # an argument the mixer rejected at construction (e.g. heads not dividing d_model)
-        _fail(f"error: {e}")
+    except (ValueError, RuntimeError) as e:  # an argument the mixer rejected at construction (heads not
+        _fail(f"error: {e}")  # dividing d_model), or an implementation named explicitly that cannot run here
 
     from seqmix.spec import format_spec
 
@@ -96,16 +102,54 @@ def build(spec, layers, d_model, heads, vocab, seq_len, as_json, save_dir, forwa
         _print_build(report)
 
 
+def _available_memory() -> Optional[int]:
+    """Bytes of memory this machine can still give (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_fits(model, forward_tokens: Optional[int], save_dir: Optional[str]) -> None:
+    """Refuse --forward / --save of a model (built on the meta device) that cannot fit, before allocating it."""
+    import shutil
+    from pathlib import Path
+
+    cfg = model.config
+    need = 4 * model.num_params()  # fp32 weights
+    what = f"the model has {model.num_params():,} parameters ({_human_bytes(need)} in fp32)"
+    if forward_tokens is not None:  # logits and their softmax, plus a few residual-stream copies per block
+        need += 4 * forward_tokens * (3 * cfg.padded_vocab_size + 8 * cfg.d_model)
+    have = _available_memory()
+    if have is not None and need > have:
+        flags = " and ".join(f for f, on in (("--forward", forward_tokens), ("--save", save_dir)) if on)
+        _fail(f"error: {flags} would need about {_human_bytes(need)} of memory but {_human_bytes(have)} is "
+              f"available: {what}. Use a smaller spec, --layers or --d-model, or drop {flags}: the table alone "
+              "allocates nothing")
+    if save_dir is not None:
+        parent = Path(save_dir).resolve()
+        while not parent.exists():
+            parent = parent.parent
+        free = shutil.disk_usage(parent).free
+        if 4 * model.num_params() > free:
+            _fail(f"error: --save {save_dir}: {what} but {parent} has {_human_bytes(free)} free")
+
+
 def _forward_smoke(model, T: int) -> dict:
     import torch
 
-    if T <= 0:
-        _fail(f"--forward needs a positive token count, got {T}")
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (1, T + 1), generator=g)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        loss = model.loss(tokens[:, :-1], tokens[:, 1:]).item()
+    try:
+        with torch.no_grad():
+            loss = model.loss(tokens[:, :-1], tokens[:, 1:]).item()
+    except (RuntimeError, MemoryError) as e:  # out of memory, or a kernel that cannot run on CPU tensors
+        _fail(f"error: the forward pass on {T} tokens failed: {e}")
     dt = time.perf_counter() - t0
     if loss != loss:
         _fail("forward pass produced NaN loss")

@@ -80,3 +80,23 @@ def test_plugins_json_lists_all_six_mixers():
 def test_plugins_table():
     r = run("plugins")
     assert r.exit_code == 0 and "mamba" in r.output and "recurrent" in r.output
+
+
+@pytest.mark.parametrize("flag", [["--forward", "8"], ["--save", "SAVE"]])
+def test_a_model_that_cannot_fit_in_memory_is_refused_before_anything_is_allocated(tmp_path, flag):
+    flag = [str(tmp_path / "m") if a == "SAVE" else a for a in flag]
+    r = run("build", "mlp:9999999999", "--d-model", "1024", *flag)  # 2e13 parameters: 111 TiB of fp32
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert f"{flag[0]} would need about 111.76 TiB of memory" in r.output and "30,720,051,469,312" in r.output
+    assert not (tmp_path / "m").exists()
+    assert run("build", "mlp:9999999999", "--d-model", "1024", "--json").exit_code == 0  # the table alone: fine
+
+
+def test_an_explicitly_named_kernel_that_cannot_run_here_is_a_clear_error(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU machine
+    for args in (["based:parallel"], ["based:parallel", "--forward", "8"]):
+        r = run("build", *args, "--d-model", "64", "--heads", "4")
+        assert r.exit_code == 2, (r.output, r.exception)
+        assert "based impl='parallel' cannot run on this machine (cpu)" in r.output and "auto" in r.output
