@@ -261,7 +261,7 @@ def generate_cmd(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
     from seqmix.registry import UnknownMixerError
     from seqmix.spec import SpecError
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:
         from seqmix.tokenizer import get_tokenizer, recorded_tokenizer
@@ -312,11 +312,33 @@ def generate_cmd(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
         click.echo((prompt if out.shape[1] == 0 else "") + tok.decode(generated)[len(shown[0]):], nl=False)
     except (SpecError, UnknownMixerError) as e:
         _fail(str(e))
-    except (ValueError, OSError, ImportError) as e:
+    except (ValueError, OSError, ImportError, RuntimeError) as e:  # RuntimeError: NaN logits, or an explicitly
+        click.echo("", err=True)  # named kernel that cannot run on this device
         _fail(f"error: {e}")
     click.echo("")
     n = out.shape[1]
     click.echo(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s, prefill included]", err=True)
+
+
+def _check_device(device: str) -> str:
+    """`device` if torch can run on it here, else a one-screen error saying what is missing."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        _fail(f"error: --device {device!r} is not a device name: use cpu or cuda (cuda:N for GPU N)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None else
+                   "torch sees no CUDA GPU (check CUDA_VISIBLE_DEVICES and the driver)")
+            _fail(f"error: --device {device}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            _fail(f"error: --device {device}: there are {torch.cuda.device_count()} CUDA devices "
+                  f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type != "cpu":
+        _fail(f"error: --device {device}: seqmix generate runs on cpu or cuda")
+    return device
 
 
 @main.command(name="convert")

@@ -100,3 +100,37 @@ def test_an_explicitly_named_kernel_that_cannot_run_here_is_a_clear_error(monkey
         r = run("build", *args, "--d-model", "64", "--heads", "4")
         assert r.exit_code == 2, (r.output, r.exception)
         assert "based impl='parallel' cannot run on this machine (cpu)" in r.output and "auto" in r.output
+
+
+@pytest.mark.parametrize("device, needle", [("cuda", "use --device cpu"), ("cuda:0", "use --device cpu"),
+                                            ("gpu", "is not a device name"), ("mps", "runs on cpu or cuda")])
+def test_generate_on_a_device_this_machine_lacks_is_a_clear_error(monkeypatch, device, needle):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU machine
+    r = run("generate", "mlp", "--layers", "2", "--d-model", "32", "--tokenizer", "bytes", "--prompt", "Hi",
+            "--device", device)
+    assert r.exit_code == 2 and needle in r.output, (r.output, r.exception)
+
+
+def test_generate_with_nan_weights_stops_with_a_message_instead_of_nul_bytes(tmp_path):
+    import torch
+
+    from seqmix.checkpoint import save_pretrained
+    from seqmix.config import ModelConfig
+    from seqmix.model import build_model
+    from seqmix.tokenizer import save_tokenizer_config
+
+    model = build_model(ModelConfig(spec="conv,mlp", d_model=32, n_heads=2, vocab_size=257))
+    with torch.no_grad():
+        model.embed.weight[:, 0] = float("nan")
+    save_pretrained(model, tmp_path / "m")
+    save_tokenizer_config(tmp_path / "m", "bytes")
+    r = run("generate", str(tmp_path / "m"), "--prompt", "Hi", "--max-new-tokens", "4")
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert "logits are NaN or infinite" in r.output and "\x00" not in r.output
+    r = run("generate", "mlp", "--layers", "2", "--d-model", "32", "--tokenizer", "bytes", "--prompt", "Hi",
+            "--max-new-tokens", "4", "--temperature", "1e-45", "--seed", "1")
+    greedy = run("generate", "mlp", "--layers", "2", "--d-model", "32", "--tokenizer", "bytes", "--prompt", "Hi",
+                 "--max-new-tokens", "4", "--temperature", "0", "--seed", "1")
+    assert r.exit_code == 0 and "\x00" not in r.output and r.output.splitlines()[0] == greedy.output.splitlines()[0]
