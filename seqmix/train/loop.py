@@ -31,6 +31,7 @@ from seqmix.config import ModelConfig, resolve_model
 from seqmix.train import ckpt
 from seqmix.train.data import PackedTokens, StepSampler, SyntheticTokens, get_batch, prepare_data
 from seqmix.train.ds_config import build_ds_config
+from seqmix.train.ds_ops import prepare_comm_op
 from seqmix.train.schema import OptimSection, Recipe, RecipeError, recipe_to_dict, recipe_to_yaml
 
 # Dense bf16/fp16 tensor-core peak per device (FLOP/s), matched against the device name, for MFU.
@@ -84,6 +85,7 @@ def init_distributed() -> tuple[int, int, int]:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
     if not dist.is_initialized():
+        prepare_comm_op(int(os.environ["WORLD_SIZE"]))  # per-environment build folder; none for a world of one
         deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
     return dist.get_rank(), dist.get_world_size(), local_rank
 
