@@ -9,6 +9,9 @@ from typing import Optional
 import click
 
 
+_INT = click.IntRange(-(1 << 63), (1 << 63) - 1)  # integer options fit in int64 (torch's sizes), or click says so
+
+
 def _fail(message: str) -> None:
     click.echo(message, err=True)
     sys.exit(2)
@@ -37,15 +40,15 @@ def main() -> None:
 
 @main.command()
 @click.argument("spec")
-@click.option("--layers", type=int, default=None, help="Tile the spec to this many blocks.")
-@click.option("--d-model", type=int, default=None, help="Model width (default 1024, or the named architecture's).")
-@click.option("--heads", type=int, default=None, help="Default head count for mixers that take one.")
-@click.option("--vocab", type=int, default=None, help="Vocabulary size before padding (default 50257, GPT-2).")
-@click.option("--seq-len", type=int, default=None, help="Context length for state sizes and FLOPs (default 2048).")
+@click.option("--layers", type=_INT, default=None, help="Tile the spec to this many blocks.")
+@click.option("--d-model", type=_INT, default=None, help="Model width (default 1024, or the named architecture's).")
+@click.option("--heads", type=_INT, default=None, help="Default head count for mixers that take one.")
+@click.option("--vocab", type=_INT, default=None, help="Vocabulary size before padding (default 50257, GPT-2).")
+@click.option("--seq-len", type=_INT, default=None, help="Context length for state sizes and FLOPs (default 2048).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 @click.option("--save", "save_dir", type=click.Path(file_okay=False), default=None,
               help="Write an initialised model (config.json + model.safetensors) to this directory.")
-@click.option("--forward", "forward_tokens", type=int, default=None, metavar="T",
+@click.option("--forward", "forward_tokens", type=_INT, default=None, metavar="T",
               help="Also run one forward pass of the initialised model on T random tokens (CPU, fp32).")
 def build(spec, layers, d_model, heads, vocab, seq_len, as_json, save_dir, forward_tokens) -> None:
     """Show the block layout, parameters, state and FLOPs of SPEC (a spec string or a named architecture)."""
@@ -237,16 +240,16 @@ main.add_command(plugins_cmd, name="mixers")
 @main.command(name="generate")
 @click.argument("model")
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Tokens to generate at most.")
+@click.option("--max-new-tokens", type=_INT, default=64, show_default=True, help="Tokens to generate at most.")
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="Softmax temperature; 0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k most likely tokens; 0 = all.")
+@click.option("--top-k", type=_INT, default=0, show_default=True, help="Sample among the k most likely tokens; 0 = all.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass in (0, 1]; 1 = off.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds sampling (and a spec's random weights).")
+@click.option("--seed", type=_INT, default=0, show_default=True, help="Seeds sampling (and a spec's random weights).")
 @click.option("--tokenizer", "tokenizer_name", default=None,
               help="gpt2 or bytes; default: the one a model directory records, else gpt2.")
-@click.option("--layers", type=int, default=None, help="With a spec: tile it to this many blocks.")
-@click.option("--d-model", type=int, default=None, help="With a spec: model width.")
-@click.option("--heads", type=int, default=None, help="With a spec: default head count.")
+@click.option("--layers", type=_INT, default=None, help="With a spec: tile it to this many blocks.")
+@click.option("--d-model", type=_INT, default=None, help="With a spec: model width.")
+@click.option("--heads", type=_INT, default=None, help="With a spec: default head count.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Weights and activations (default: bfloat16 on CUDA, float32 on CPU).")

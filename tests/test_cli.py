@@ -134,3 +134,9 @@ def test_generate_with_nan_weights_stops_with_a_message_instead_of_nul_bytes(tmp
     greedy = run("generate", "mlp", "--layers", "2", "--d-model", "32", "--tokenizer", "bytes", "--prompt", "Hi",
                  "--max-new-tokens", "4", "--temperature", "0", "--seed", "1")
     assert r.exit_code == 0 and "\x00" not in r.output and r.output.splitlines()[0] == greedy.output.splitlines()[0]
+
+
+@pytest.mark.parametrize("option", ["--d-model", "--heads", "--layers", "--vocab", "--seq-len"])
+def test_an_integer_option_beyond_int64_is_a_usage_error(option):
+    r = run("build", "mlp", option, "99999999999999999999")
+    assert r.exit_code == 2 and "is not in the range" in r.output, (r.output, r.exception)

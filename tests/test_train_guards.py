@@ -180,3 +180,8 @@ def test_preflight_turns_a_model_that_cannot_be_built_into_a_recipe_error(overri
     recipe = load_recipe(os.path.join(RECIPES, "tiny.yaml"), [override])
     with pytest.raises(RecipeError, match=needle):
         preflight(recipe)
+
+
+def test_a_recipe_integer_beyond_int64_is_named():
+    with pytest.raises(RecipeError, match="model.d_model: 99999999999999999999 does not fit in a 64-bit integer"):
+        load_recipe(os.path.join(RECIPES, "tiny.yaml"), ["model.d_model=99999999999999999999"])

@@ -353,7 +353,7 @@ def preflight(recipe: Recipe) -> None:
         build_model(model_config(recipe, tokenizer_vocab_size(recipe.data.tokenizer)), device="meta")
     except SpecError as e:
         raise RecipeError(f"{key}: {e}") from None
-    except (ValueError, KeyError, RuntimeError) as e:  # KeyError: UnknownMixerError; RuntimeError: impl here
+    except (ValueError, KeyError, RuntimeError, OverflowError) as e:  # KeyError: UnknownMixerError
         raise RecipeError(f"model: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
 
 
