@@ -1,5 +1,6 @@
 """End-to-end training on the CPU through `recipes/pretrain.py`: ZeRO 1/2/3, two processes through the DeepSpeed
-launcher, resume after an interruption, NaN handling and the exported model directory.
+launcher, resume after an interruption, NaN handling, the exported model directory, and what a start refuses (an
+infinite gradient norm, a run directory in use, a different model on resume, a bad spec, too little data).
 
 Every run is the tiny recipe shortened (64-token windows, 20 steps) in a subprocess, as a user would start it.
 The runs share one order of batches, so their loss curves must agree step for step."""
