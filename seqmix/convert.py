@@ -7,7 +7,7 @@ mamba-ssm layout, `backbone.*`) have no MLP: layer i is block i.
 
 Which mixer a Based-repo layer holds: `alt_mixer_2_layers` (sliding window) is checked first, then
 `alt_mixer_layers` (Based linear attention); any other layer is BaseConv, or softmax attention when the
-checkpoint holds `mixer.Wqkv` for it (the attention baselines). The window convention differs: the Based
+config has no `mixer` entry (the attention baselines). The window convention differs: the Based
 repo's `window_size: w` lets a query see itself and the w//2 previous tokens, i.e. seqmix `swa:{w//2 + 1}`.
 
 Loading is safe: `.bin` files go through `torch.load(weights_only=True)`; safetensors is preferred when present;
@@ -68,20 +68,86 @@ def _is_mamba(keys) -> bool:
     return any(k.startswith("backbone.") for k in keys)
 
 
-def _layer_kind(cfg: dict[str, Any], i: int, keys) -> str:
-    if i in set(cfg.get("alt_mixer_2_layers") or ()):
-        return "swa"
-    if i in set(cfg.get("alt_mixer_layers") or ()):
-        return "based"
-    return "attn" if f"transformer.layers.{i}.mixer.Wqkv.weight" in keys else "conv"
+_KINDS = {"mixer": ("conv", "BaseConv"), "alt_mixer": ("based", "LinearAttention"),
+          "alt_mixer_2": ("swa", "SlidingAttention")}
+
+
+def _layer_kind(cfg: dict[str, Any], i: int) -> str:
+    """What the original's create_mixer_cls builds for layer i: `alt_mixer_2` for alt_mixer_2_layers (checked
+    first), `alt_mixer` for alt_mixer_layers, `mixer` elsewhere; softmax attention (MHA) where that entry is
+    absent, as in the attention baselines, which have no `mixer`."""
+    tag = ("alt_mixer_2" if i in set(cfg.get("alt_mixer_2_layers") or ()) else
+           "alt_mixer" if i in set(cfg.get("alt_mixer_layers") or ()) else "mixer")
+    value = cfg.get(tag)
+    if value is None:
+        return "attn"
+    kind, cls = _KINDS[tag]
+    target = str(value.get("_target_", cls)) if isinstance(value, dict) else cls
+    if target.rsplit(".", 1)[-1] != cls:
+        raise ConversionError(f"layer {i}: {tag} is {target}; seqmix imports {cls} there (as the published "
+                              f"Based models have it)")
+    return kind
+
+
+def _refuse_unsupported(cfg: dict[str, Any]) -> None:
+    """Settings of the original model (GPT2Config defaults where a key is absent) seqmix cannot express."""
+    checks = [
+        (cfg.get("activation_function", "gelu_new") != "swiglu",
+         f"activation_function {cfg.get('activation_function', 'gelu_new')!r}: seqmix's mlp is SwiGLU only"),
+        (cfg.get("mlp_fc1_bias", True) or cfg.get("mlp_fc2_bias", True), "MLP biases (mlp_fc1_bias / mlp_fc2_bias)"),
+        (cfg.get("rms_norm") is False, "LayerNorm blocks (rms_norm: false); seqmix blocks use RMSNorm"),
+        (cfg.get("rotary_emb_interleaved", False), "interleaved rotary (rotary_emb_interleaved: true)"),
+        (cfg.get("rotary_emb_scale_base") is not None, "xPos rotary scaling (rotary_emb_scale_base)"),
+        (not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx", False),
+         "an attention scale other than 1/sqrt(head_dim) (scale_attn_weights / scale_attn_by_inverse_layer_idx)"),
+        (cfg.get("parallel_block", False) or not cfg.get("prenorm", True), "parallel or post-norm blocks"),
+    ]
+    for bad, what in checks:
+        if bad:
+            raise ConversionError(f"config.json asks for {what}, which seqmix cannot import exactly")
+
+
+def _attn_args(cfg: dict[str, Any], d: int, n_head: int, kind: str) -> dict[str, Any]:
+    """Args of an `attn` or `swa` layer. Both take their heads, rotary dim and base from the top-level config
+    (the original overrides alt_mixer_2's num_heads with n_head): rotary dim R = int(rotary_emb_fraction *
+    head_dim) (0 when the key is absent), which seqmix's rotary_dim reads as flash-attn does (2*ceil(R/2)
+    channels rotated)."""
+    if any(cfg.get(k, True) for k in ("qkv_proj_bias", "out_proj_bias")):
+        raise ConversionError("config.json asks for attention biases (qkv_proj_bias / out_proj_bias, true unless "
+                              "set to false); seqmix's attention layers have none")
+    head_dim = d // n_head
+    rot = int(float(cfg.get("rotary_emb_fraction", 0.0)) * head_dim)
+    base = float(cfg.get("rotary_emb_base", _ROPE_BASE))
+    args: dict[str, Any] = {} if rot == head_dim else {"rotary_dim": rot}
+    kv = cfg.get("n_head_kv")
+    if kind == "swa":
+        if base != _ROPE_BASE or kv not in (None, n_head):
+            raise ConversionError(f"sliding-window layers with rotary_emb_base {base:g} or n_head_kv {kv}: seqmix's "
+                                  f"swa has base {_ROPE_BASE:g} and one K/V head per query head")
+        return args
+    if kv not in (None, n_head):
+        args["kv_heads"] = int(kv)
+    return args | ({} if base == _ROPE_BASE else {"rope_base": base})
+
+
+def _conv_args(conv: dict[str, Any]) -> dict[str, Any]:
+    """BaseConv: d_inner = expand_proj * d // 2, so seqmix's expand (inner = expand * d) is expand_proj / 2.
+    The kernel size is BaseConv's `kernel_size` (default 3); `kernel_sizes` (plural, in the published configs)
+    is not a constructor argument and is swallowed by its **kwargs."""
+    ep = conv.get("expand_proj", 2)
+    if not isinstance(ep, int) or ep < 2 or ep % 2:
+        raise ConversionError(f"mixer.expand_proj = {ep!r}: BaseConv's inner width is expand_proj * d_model // 2, "
+                              f"which seqmix's conv expresses for even expand_proj >= 2 only")
+    if not conv.get("use_bias", True):
+        raise ConversionError("mixer.use_bias = false: seqmix's conv has in_proj and out_proj biases")
+    return {"kernel_size": int(conv.get("kernel_size", 3)), "expand": ep // 2}
 
 
 def based_repo_model_config(cfg: dict[str, Any], keys, registry=None) -> ModelConfig:
     """The seqmix ModelConfig (canonical spec) of a Based-repo `config.json` whose checkpoint holds `keys`.
 
-    Sizes the config does not state (MLP hidden width, Mamba's inner sizes) are read from the tensor shapes
-    in `keys` when `keys` is a {name: tensor} mapping; with a plain collection of names the config's values
-    (or the published defaults) are used."""
+    Keys the config leaves out take GPT2Config's defaults, as in the original (vocab 50257, 12 heads). Mamba's
+    dt_rank is read from the tensor shapes when `keys` is a {name: tensor} mapping."""
     from seqmix.registry import load_registry
     from seqmix.spec import format_spec, make_layer
 
@@ -89,7 +155,7 @@ def based_repo_model_config(cfg: dict[str, Any], keys, registry=None) -> ModelCo
     shapes = {k: tuple(v.shape) for k, v in keys.items()} if isinstance(keys, dict) else {}
     d = int(cfg.get("n_embd", cfg.get("d_model", 0)))
     n_layer = int(cfg["n_layer"])
-    n_head = int(cfg.get("n_head") or 16)
+    n_head = int(cfg.get("n_head") or 12)
     if d <= 0:
         raise ConversionError("config.json gives no model width (n_embd or d_model)")
     layers = []
@@ -107,47 +173,42 @@ def based_repo_model_config(cfg: dict[str, Any], keys, registry=None) -> ModelCo
         layers = [make_layer("mamba", args, registry)] * n_layer
         eps = cfg.get("norm_epsilon", cfg.get("layer_norm_epsilon", 1e-5))
     else:
-        alt, alt2, conv = cfg.get("alt_mixer") or {}, cfg.get("alt_mixer_2") or {}, cfg.get("mixer") or {}
-        fmap = str(alt.get("feature_map", alt.get("feature_name", "taylor_exp")))
+        _refuse_unsupported(cfg)
+        alt, conv = cfg.get("alt_mixer") or {}, cfg.get("mixer") or {}
+        fmap = alt.get("feature_map", alt.get("feature_name", "taylor_exp"))
+        fmap = str(fmap.get("_target_", fmap) if isinstance(fmap, dict) else fmap)
+        hidden = gated_mlp_hidden(cfg, d)
         for i in range(n_layer):
-            kind = _layer_kind(cfg, i, keys)
+            kind = _layer_kind(cfg, i)
             if kind == "swa":
-                heads = alt2.get("num_heads", n_head)
-                args = {"window": int(alt2.get("window_size", 256)) // 2 + 1}
-                args.update({} if heads == n_head else {"heads": heads})
+                args = {"window": int((cfg.get("alt_mixer_2") or {}).get("window_size", 128)) // 2 + 1}
+                args |= _attn_args(cfg, d, n_head, "swa")
             elif kind == "based":
                 if "taylor" not in fmap.lower():
                     raise ConversionError(f"layer {i}: feature map {fmap!r} is not supported; seqmix's `based` "
-                                          f"mixer implements the Taylor map (taylor_exp) only")
+                                          f"mixer implements the Taylor map (TaylorExp) only")
                 heads = alt.get("num_heads", n_head)
                 args = {"feature_dim": alt.get("feature_dim", 16)}
                 args.update({} if heads == n_head else {"heads": heads})
             elif kind == "attn":
-                rot = cfg.get("rotary_emb_dim")
-                rot = None if rot is None else int(rot) + int(rot) % 2  # an odd rotary dim rotates one more
-                args = {} if rot is None or rot == d // n_head else {"rotary_dim": rot}
-                base = float(cfg.get("rotary_emb_base", _ROPE_BASE))
-                args.update({} if base == _ROPE_BASE else {"rope_base": base})
+                args = _attn_args(cfg, d, n_head, "attn")
             else:
-                args = {"kernel_size": conv.get("kernel_size", 3), "expand": conv.get("expand_proj", 2)}
-            hidden = _mlp_hidden(cfg, i, d, shapes)
+                args = _conv_args(conv)
             layers += [make_layer(kind, args, registry),
                        make_layer("mlp", {} if hidden == 2 * d else {"hidden": hidden}, registry)]
         eps = cfg.get("layer_norm_epsilon", 1e-5)
     return ModelConfig(
-        spec=format_spec(layers, registry), d_model=d, n_heads=n_head, vocab_size=int(cfg["vocab_size"]),
+        spec=format_spec(layers, registry), d_model=d, n_heads=n_head, vocab_size=int(cfg.get("vocab_size", 50257)),
         pad_vocab_multiple=int(cfg.get("pad_vocab_size_multiple", 1)), norm_eps=float(eps),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", cfg.get("tie_embeddings", True))),
     )
 
 
-def _mlp_hidden(cfg: dict[str, Any], i: int, d: int, shapes: dict[str, tuple]) -> int:
-    """The MLP's hidden width: config.json's n_inner, else fc2's weight [d, hidden] when known, else 2*d.
-    (A checkpoint that disagrees with n_inner is then reported with every other mismatch.)"""
-    if cfg.get("n_inner") is not None:
-        return int(cfg["n_inner"])
-    s = shapes.get(f"transformer.layers.{i}.mlp.fc2.weight")
-    return s[1] if s is not None and len(s) == 2 else 2 * d
+def gated_mlp_hidden(cfg: dict[str, Any], d: int) -> int:
+    """flash-attn's GatedMlp width: n_inner if the config sets it, else int(8 * d / 3), rounded UP to a multiple
+    of 256 (attn-360m: 2730 -> 2816; attn-1b: 4480 -> 4608; the Based hybrids' n_inner = 2d stays)."""
+    h = int(cfg["n_inner"]) if cfg.get("n_inner") is not None else int(8 * d / 3)
+    return -(-h // 256) * 256
 
 
 # -- weights ------------------------------------------------------------------------------------------
@@ -176,18 +237,23 @@ def _source_key(target: str, mamba: bool) -> tuple[str, Optional[Callable[[torch
     return prefix + "mixer." + rest, None
 
 
-def _check_rotary_buffers(sd: dict[str, torch.Tensor], base: float) -> None:
-    """Rotary `inv_freq` buffers are recomputed by seqmix; refuse ones that are not RoPE of `base`."""
+def _check_rotary_buffers(sd: dict[str, torch.Tensor], model) -> None:
+    """Rotary `inv_freq` buffers are recomputed by seqmix; refuse ones that are not the layer's own RoPE
+    (flash-attn's 1 / base^(arange(0, R, 2) / R) for the layer's rotary dim R and base)."""
     for key, inv in sd.items():
-        if key.endswith("rotary_emb.inv_freq"):
-            dim = 2 * inv.numel()
-            want = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-            if not torch.allclose(inv.double(), want, rtol=1e-4):
-                raise ConversionError(f"{key} is not the rotary frequencies of base {base:g} over "
-                                      f"{dim} dims; seqmix cannot import a different rotary embedding")
+        m = re.fullmatch(r"transformer\.layers\.(\d+)\.mixer\.rotary_emb\.inv_freq", key)
+        if m is None or 2 * int(m.group(1)) >= len(model.blocks):
+            continue
+        mixer = model.blocks[2 * int(m.group(1))].mixer
+        R, base = getattr(mixer, "rotary_dim", 0), float(getattr(mixer, "rope_base", _ROPE_BASE))
+        want = 1.0 / base ** (torch.arange(0, R, 2, dtype=torch.float64) / R) if R else torch.zeros(0)
+        if inv.shape != want.shape or not torch.allclose(inv.double(), want, rtol=1e-4):
+            raise ConversionError(f"{key} is not the rotary frequencies of base {base:g} over rotary dim {R} "
+                                  f"(from rotary_emb_fraction in config.json); seqmix cannot import a different "
+                                  f"rotary embedding")
 
 
-def _map_state_dict(model, sd: dict[str, torch.Tensor], mamba: bool, src: str, rope_base: float = _ROPE_BASE) -> dict[str, torch.Tensor]:
+def _map_state_dict(model, sd: dict[str, torch.Tensor], mamba: bool, src: str) -> dict[str, torch.Tensor]:
     """Rename and reshape `sd` onto `model`'s parameter names; name every missing/unexpected/misshapen key."""
     expected = model.state_dict()
     tied_head = "lm_head.weight" not in expected
@@ -212,7 +278,7 @@ def _map_state_dict(model, sd: dict[str, torch.Tensor], mamba: bool, src: str, r
             consumed.add(key)
         elif key.endswith("rotary_emb.inv_freq"):
             consumed.add(key)
-    _check_rotary_buffers(sd, rope_base)
+    _check_rotary_buffers(sd, model)
     unexpected = sorted(set(sd) - consumed)
     if missing or unexpected or shapes:
         raise ConversionError(
@@ -239,8 +305,7 @@ def convert_based_repo(src_dir: Union[str, Path], *, registry=None, dtype: Optio
     sd = load_based_repo_state_dict(src_dir)
     config = based_repo_model_config(cfg, sd, registry)
     model = build_model(config, device="cpu", registry=registry)
-    model.load_state_dict(_map_state_dict(model, sd, _is_mamba(sd), str(src_dir),
-                                          float(cfg.get("rotary_emb_base", _ROPE_BASE))))
+    model.load_state_dict(_map_state_dict(model, sd, _is_mamba(sd), str(src_dir)))
     return model.to(dtype) if dtype is not None else model
 
 

@@ -13,7 +13,9 @@ from seqmix.cli import main
 from seqmix.config import resolve_model
 from seqmix.convert import convert_based_repo, convert_checkpoint
 from seqmix.model import build_model
-from test_convert import VOCAB, published_state_dict, write_checkpoint
+from test_convert import BASED, published_state_dict, write_checkpoint
+
+VOCAB = BASED["vocab_size"]
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -128,8 +130,8 @@ def test_model_prefix_is_stripped_only_when_every_key_has_it(tmp_path):
 
 # -- Based-repo .bin shards ---------------------------------------------------------------------------
 def test_sharded_based_repo_bin_loads_like_the_single_file(tmp_path):
-    single = write_checkpoint(tmp_path / "single")
-    sd = published_state_dict()  # with the `model.` prefix and a metrics entry, as published
+    single = write_checkpoint(tmp_path / "single", BASED)
+    sd = published_state_dict(BASED)  # with the `model.` prefix and a metrics entry, as published
     keys = list(sd)
     shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
               "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
@@ -183,7 +185,7 @@ def test_hub_without_huggingface_hub_says_how_to_install(tmp_path, monkeypatch):
 
 def test_based_repo_checkpoint_on_the_hub_is_converted_by_from_pretrained(tmp_path):
     pytest.importorskip("huggingface_hub")
-    src = write_checkpoint(tmp_path / "based")
+    src = write_checkpoint(tmp_path / "based", BASED)
     cache = fake_hub_cache(tmp_path / "hub", "hazyresearch/based-tiny", src)
     got = from_pretrained("hazyresearch/based-tiny", cache_dir=cache, local_files_only=True)
     want = convert_based_repo(src)
@@ -199,7 +201,7 @@ def test_based_repo_checkpoint_on_the_hub_is_converted_by_from_pretrained(tmp_pa
 
 def test_convert_cli_accepts_a_hub_name(tmp_path):
     pytest.importorskip("huggingface_hub")
-    src = write_checkpoint(tmp_path / "based")
+    src = write_checkpoint(tmp_path / "based", BASED)
     cache = fake_hub_cache(tmp_path / "hub", "hazyresearch/based-tiny", src)
     run = CliRunner().invoke
     r = run(main, ["convert", "hazyresearch/based-tiny", str(tmp_path / "out"), "--cache-dir", str(cache),
