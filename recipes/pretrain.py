@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True, soft_wrap=True)
 
     from seqmix.train import RecipeError, TrainingDiverged, find_recipe, load_recipe, shutdown, train
+    from seqmix.train.ckpt import CheckpointError
+    from seqmix.train.data import DataError
+    from seqmix.train.ds_ops import StaleBuildLock
+    from seqmix.train.runlock import RunDirBusy
 
     if args.list:
         for path in sorted(RECIPES_DIR.glob("*.yaml")):
@@ -67,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         err.print(f"[red]recipe error:[/red] {escape(str(e))}", highlight=False)
         return 2
-    except (FileNotFoundError, ImportError) as e:  # data files, datasets, tokenizer packages
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
-        return 2
+    except (FileNotFoundError, ImportError, CheckpointError, DataError, StaleBuildLock, RunDirBusy) as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)  # data files, tokenizer packages,
+        return 2  # checkpoints, a build lock, the run directory in use
     except TrainingDiverged as e:
         err.print(f"[red]training diverged:[/red] {escape(str(e))}", highlight=False)
         return 3

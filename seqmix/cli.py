@@ -4,7 +4,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Optional
+
 import click
+
+
+_INT = click.IntRange(-(1 << 63), (1 << 63) - 1)  # integer options fit in int64 (torch's sizes), or click says so
 
 
 def _fail(message: str) -> None:
@@ -35,15 +40,15 @@ def main() -> None:
 
 @main.command()
 @click.argument("spec")
-@click.option("--layers", type=int, default=None, help="Tile the spec to this many blocks.")
-@click.option("--d-model", type=int, default=None, help="Model width (default 1024, or the named architecture's).")
-@click.option("--heads", type=int, default=None, help="Default head count for mixers that take one.")
-@click.option("--vocab", type=int, default=None, help="Vocabulary size before padding (default 50257, GPT-2).")
-@click.option("--seq-len", type=int, default=None, help="Context length for state sizes and FLOPs (default 2048).")
+@click.option("--layers", type=_INT, default=None, help="Tile the spec to this many blocks.")
+@click.option("--d-model", type=_INT, default=None, help="Model width (default 1024, or the named architecture's).")
+@click.option("--heads", type=_INT, default=None, help="Default head count for mixers that take one.")
+@click.option("--vocab", type=_INT, default=None, help="Vocabulary size before padding (default 50257, GPT-2).")
+@click.option("--seq-len", type=_INT, default=None, help="Context length for state sizes and FLOPs (default 2048).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 @click.option("--save", "save_dir", type=click.Path(file_okay=False), default=None,
               help="Write an initialised model (config.json + model.safetensors) to this directory.")
-@click.option("--forward", "forward_tokens", type=int, default=None, metavar="T",
+@click.option("--forward", "forward_tokens", type=_INT, default=None, metavar="T",
               help="Also run one forward pass of the initialised model on T random tokens (CPU, fp32).")
 def build(spec, layers, d_model, heads, vocab, seq_len, as_json, save_dir, forward_tokens) -> None:
     """Show the block layout, parameters, state and FLOPs of SPEC (a spec string or a named architecture)."""
@@ -53,15 +58,19 @@ def build(spec, layers, d_model, heads, vocab, seq_len, as_json, save_dir, forwa
     from seqmix.spec import SpecError
 
     registry = load_registry()
+    if forward_tokens is not None and forward_tokens <= 0:
+        _fail(f"--forward needs a positive token count, got {forward_tokens}")
     try:
         config = resolve_model(spec, layers=layers, d_model=d_model, n_heads=heads, vocab_size=vocab,
                                max_seqlen=seq_len, registry=registry)
-        materialise = save_dir is not None or forward_tokens is not None
-        model = build_model(config, device="cpu" if materialise else "meta", registry=registry)
+        model = build_model(config, device="meta", registry=registry)  # sizes first, nothing allocated
+        if save_dir is not None or forward_tokens is not None:
+            _check_fits(model, forward_tokens, save_dir)
+            model = build_model(config, device="cpu", registry=registry)
     except (SpecError, UnknownMixerError) as e:
         _fail(str(e))
-    except ValueError as e:  # an argument the mixer rejected at construction (e.g. heads not dividing d_model)
-        _fail(f"error: {e}")
+    except (ValueError, RuntimeError) as e:  # an argument the mixer rejected at construction (heads not
+        _fail(f"error: {e}")  # dividing d_model), or an implementation named explicitly that cannot run here
 
     from seqmix.spec import format_spec
 
@@ -96,16 +105,54 @@ def build(spec, layers, d_model, heads, vocab, seq_len, as_json, save_dir, forwa
         _print_build(report)
 
 
+def _available_memory() -> Optional[int]:
+    """Bytes of memory this machine can still give (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_fits(model, forward_tokens: Optional[int], save_dir: Optional[str]) -> None:
+    """Refuse --forward / --save of a model (built on the meta device) that cannot fit, before allocating it."""
+    import shutil
+    from pathlib import Path
+
+    cfg = model.config
+    need = 4 * model.num_params()  # fp32 weights
+    what = f"the model has {model.num_params():,} parameters ({_human_bytes(need)} in fp32)"
+    if forward_tokens is not None:  # logits and their softmax, plus a few residual-stream copies per block
+        need += 4 * forward_tokens * (3 * cfg.padded_vocab_size + 8 * cfg.d_model)
+    have = _available_memory()
+    if have is not None and need > have:
+        flags = " and ".join(f for f, on in (("--forward", forward_tokens), ("--save", save_dir)) if on)
+        _fail(f"error: {flags} would need about {_human_bytes(need)} of memory but {_human_bytes(have)} is "
+              f"available: {what}. Use a smaller spec, --layers or --d-model, or drop {flags}: the table alone "
+              "allocates nothing")
+    if save_dir is not None:
+        parent = Path(save_dir).resolve()
+        while not parent.exists():
+            parent = parent.parent
+        free = shutil.disk_usage(parent).free
+        if 4 * model.num_params() > free:
+            _fail(f"error: --save {save_dir}: {what} but {parent} has {_human_bytes(free)} free")
+
+
 def _forward_smoke(model, T: int) -> dict:
     import torch
 
-    if T <= 0:
-        _fail(f"--forward needs a positive token count, got {T}")
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (1, T + 1), generator=g)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        loss = model.loss(tokens[:, :-1], tokens[:, 1:]).item()
+    try:
+        with torch.no_grad():
+            loss = model.loss(tokens[:, :-1], tokens[:, 1:]).item()
+    except (RuntimeError, MemoryError) as e:  # out of memory, or a kernel that cannot run on CPU tensors
+        _fail(f"error: the forward pass on {T} tokens failed: {e}")
     dt = time.perf_counter() - t0
     if loss != loss:
         _fail("forward pass produced NaN loss")
@@ -188,7 +235,7 @@ def plugins_cmd(as_json: bool) -> None:
     console.print("checkpoint formats (seqmix convert / seqmix.io.load): "
                   + (", ".join(f"{i['model_type']} ({i['dist']})" for i in importers) or "none"), highlight=False)
     for p in problems:
-        console.print(f"[red]plugin {p['plugin']} ({p['dist']}) failed to load:[/red] {p['error']}")
+        console.print(f"[red]plugin {p['plugin']} ({p['dist']}):[/red] {p['error']}", highlight=False)
 
 
 main.add_command(plugins_cmd, name="mixers")
@@ -197,16 +244,16 @@ main.add_command(plugins_cmd, name="mixers")
 @main.command(name="generate")
 @click.argument("model")
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Tokens to generate at most.")
+@click.option("--max-new-tokens", type=_INT, default=64, show_default=True, help="Tokens to generate at most.")
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="Softmax temperature; 0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k most likely tokens; 0 = all.")
+@click.option("--top-k", type=_INT, default=0, show_default=True, help="Sample among the k most likely tokens; 0 = all.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass in (0, 1]; 1 = off.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds sampling (and a spec's random weights).")
+@click.option("--seed", type=_INT, default=0, show_default=True, help="Seeds sampling (and a spec's random weights).")
 @click.option("--tokenizer", "tokenizer_name", default=None,
               help="gpt2 or bytes; default: the one a model directory records, else gpt2.")
-@click.option("--layers", type=int, default=None, help="With a spec: tile it to this many blocks.")
-@click.option("--d-model", type=int, default=None, help="With a spec: model width.")
-@click.option("--heads", type=int, default=None, help="With a spec: default head count.")
+@click.option("--layers", type=_INT, default=None, help="With a spec: tile it to this many blocks.")
+@click.option("--d-model", type=_INT, default=None, help="With a spec: model width.")
+@click.option("--heads", type=_INT, default=None, help="With a spec: default head count.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Weights and activations (default: bfloat16 on CUDA, float32 on CPU).")
@@ -221,7 +268,7 @@ def generate_cmd(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
     from seqmix.registry import UnknownMixerError
     from seqmix.spec import SpecError
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:
         from seqmix.tokenizer import get_tokenizer, recorded_tokenizer
@@ -272,11 +319,33 @@ def generate_cmd(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
         click.echo((prompt if out.shape[1] == 0 else "") + tok.decode(generated)[len(shown[0]):], nl=False)
     except (SpecError, UnknownMixerError) as e:
         _fail(str(e))
-    except (ValueError, OSError, ImportError) as e:
+    except (ValueError, OSError, ImportError, RuntimeError) as e:  # RuntimeError: NaN logits, or an explicitly
+        click.echo("", err=True)  # named kernel that cannot run on this device
         _fail(f"error: {e}")
     click.echo("")
     n = out.shape[1]
     click.echo(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s, prefill included]", err=True)
+
+
+def _check_device(device: str) -> str:
+    """`device` if torch can run on it here, else a one-screen error saying what is missing."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        _fail(f"error: --device {device!r} is not a device name: use cpu or cuda (cuda:N for GPU N)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None else
+                   "torch sees no CUDA GPU (check CUDA_VISIBLE_DEVICES and the driver)")
+            _fail(f"error: --device {device}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            _fail(f"error: --device {device}: there are {torch.cuda.device_count()} CUDA devices "
+                  f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type != "cpu":
+        _fail(f"error: --device {device}: seqmix generate runs on cpu or cuda")
+    return device
 
 
 @main.command(name="convert")

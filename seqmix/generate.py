@@ -12,6 +12,26 @@ Prompts = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[int]]
 StepCallback = Callable[[int, torch.Tensor], None]  # (index of the new token, tokens [B]) after every step
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """The model produced NaN or infinite logits: generation stops instead of emitting a meaningless token."""
+
+
+def _nonfinite_B(logits_BV: torch.Tensor) -> torch.Tensor:
+    return ~torch.isfinite(logits_BV).all(-1)
+
+
+def _raise_nonfinite(first_bad_B: torch.Tensor) -> None:
+    """Raise if any sequence has a first non-finite step recorded (>= 0) in first_bad_B [B] (one host sync)."""
+    bad = [(b, i) for b, i in enumerate(first_bad_B.tolist()) if i >= 0]
+    if bad:
+        b, i = min(bad, key=lambda x: x[1])
+        raise NonFiniteLogitsError(
+            f"the model's logits are NaN or infinite for new token {i} of sequence {b} "
+            f"({len(bad)} of {first_bad_B.numel()} sequences affected); generation stopped instead of emitting "
+            "a meaningless token. The weights or activations hold NaN/inf: check the checkpoint (a forward "
+            "pass of seqmix build --forward, or float32 instead of float16)")
+
+
 # -- prompts ----------------------------------------------------------------------------------------
 def prompt_list(
     input_ids: Prompts, attention_mask: Optional[torch.Tensor], vocab_size: int, device
@@ -274,8 +294,15 @@ def generate(
     logits_BV = prefill(model, prompts, decoder.states, max_tokens=prefill_tokens)
     generator = make_generator(seed, device)
     finished_B = torch.zeros(B, dtype=torch.bool, device=device)
+    # Non-finite logits are recorded per sequence on the device; a loop that syncs every step anyway (eos or a
+    # callback) checks before emitting the token, the others once at the end, so decoding gains no host sync.
+    first_bad_B = torch.where(_nonfinite_B(logits_BV), 0, -1)
+    _raise_nonfinite(first_bad_B)  # after prefill: one sync per call
+    per_step = stop is not None or callback is not None
     next_B = sample_next(logits_BV, params, generator)
     for i in range(max_new_tokens):
+        if per_step and i > 0:
+            _raise_nonfinite(first_bad_B)
         token_B = next_B if stop is None else next_B.masked_fill(finished_B, pad)
         out_BN[:, i] = token_B
         if callback is not None:
@@ -285,5 +312,9 @@ def generate(
             if bool(finished_B.all()):
                 return out_BN[:, : i + 1]
         if i + 1 < max_new_tokens:  # finished rows keep decoding what they sampled; only `pad` is recorded
-            next_B = sample_next(decoder(next_B), params, generator)
+            logits_BV = decoder(next_B)
+            first_bad_B = torch.where((first_bad_B < 0) & _nonfinite_B(logits_BV) & ~finished_B, i + 1,
+                                      first_bad_B)
+            next_B = sample_next(logits_BV, params, generator)
+    _raise_nonfinite(first_bad_B)
     return out_BN

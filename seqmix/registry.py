@@ -56,9 +56,13 @@ class UnknownMixerError(KeyError):
 
 @dataclass
 class Registry:
+    """The usable mixers by name. A name that two distributions register is in `conflicts`, not in `mixers`:
+    using it is an error naming both, whichever loaded first, so no plugin silently replaces another."""
+
     mixers: dict[str, MixerEntry] = field(default_factory=dict)
     problems: list[PluginProblem] = field(default_factory=list)
     importers: dict[str, ImporterEntry] = field(default_factory=dict)  # checkpoint model_type -> importer
+    conflicts: dict[str, list[MixerEntry]] = field(default_factory=dict)
 
     def __contains__(self, name: str) -> bool:
         return name in self.mixers
@@ -67,6 +71,28 @@ class Registry:
         if name in self.mixers:
             return self.mixers[name].cls
         raise UnknownMixerError(self.unknown_message(name))
+
+    def add(self, entry: MixerEntry) -> Optional[PluginProblem]:
+        """Register `entry` under its mixer's name; a second registration of a name makes it a conflict."""
+        name = entry.cls.name
+        if name in self.conflicts:
+            self.conflicts[name].append(entry)
+        elif name in self.mixers:
+            self.conflicts[name] = [self.mixers.pop(name), entry]
+        else:
+            self.mixers[name] = entry
+            return None
+        return PluginProblem(entry.plugin, entry.dist, self.conflict_message(name))
+
+    def conflict_message(self, name: str) -> str:
+        who, fix = self._conflict(name)
+        return f"mixer name {name!r} is registered by {who}, so neither is used; {fix}"
+
+    def _conflict(self, name: str) -> tuple[str, str]:
+        entries = self.conflicts[name]
+        who = " and ".join(f"{e.dist} {e.version} (entry point {e.plugin!r})" for e in entries)
+        plugins = sorted({e.dist for e in entries if e.plugin != "builtin"})
+        return who, f"uninstall the one you do not want: pip uninstall {' or '.join(plugins)}"
 
     def names(self) -> list[str]:
         return sorted(self.mixers)
@@ -78,6 +104,9 @@ class Registry:
 
     def unknown_message(self, name: str) -> str:
         """Why `name` is not available and what to do about it (one paragraph)."""
+        if name in self.conflicts:
+            who, fix = self._conflict(name)
+            return f"ambiguous mixer {name!r}: it is registered by {who}.\nNeither is used: {fix}"
         lines = [f"unknown mixer {name!r}."]
         hint = name if name in KNOWN_PLUGINS else None
         sug = self.suggest(name)
@@ -117,7 +146,10 @@ def get_plugin_manager(load_entry_points: bool = True) -> PluginManager:
     """Build a fresh plugin manager: built-ins first (BUILTIN_PLUGINS), then each `seqmix` entry point on its own.
 
     pluggy's own `load_setuptools_entrypoints` stops at the first entry point that fails to import, so
-    entry points are loaded one by one and each failure is recorded in `pm.problems` instead of raised.
+    entry points are loaded one by one and each failure is recorded in `pm.problems` instead of raised: an
+    import error, a `sys.exit()` at import, a hook seqmix does not define (a misspelt name) or a hook with the
+    wrong arguments. A second distribution using an entry-point name already taken is loaded under a longer
+    name, so the mixers it registers are seen (and a duplicate mixer name reported).
     """
     pm = PluginManager()
     pm.add_hookspecs(hookspecs)
@@ -128,19 +160,36 @@ def get_plugin_manager(load_entry_points: bool = True) -> PluginManager:
         for ep in sorted(md.entry_points(group=hookspecs.ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist is not None else "?"
             version = ep.dist.version if ep.dist is not None else "?"
-            if pm.has_plugin(ep.name):
-                first = pm.dists.get(ep.name, ("?", "?"))[0]
-                pm.problems.append(PluginProblem(
-                    ep.name, dist, f"plugin name {ep.name!r} is also used by {first}; {dist}'s copy skipped"))
-                continue
+            name = ep.name if not pm.has_plugin(ep.name) else f"{ep.name} ({dist})"
             try:
-                pm.register(ep.load(), name=ep.name)
-            except Exception as e:  # noqa: BLE001 - any import failure is reported, not raised
-                pm.problems.append(PluginProblem(ep.name, dist, f"{type(e).__name__}: {e}"))
+                plugin = ep.load()
+                pm.register(plugin, name=name)
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - any import failure is reported, not raised
+                pm.problems.append(PluginProblem(name, dist, _describe(e)))
                 continue
-            pm.dists[ep.name] = (dist, version)
-    pm.check_pending()
+            unknown = [hc.name for hc in pm.get_hookcallers(plugin) or () if not hc.has_spec()]
+            if unknown:
+                pm.unregister(plugin)
+                pm.problems.append(PluginProblem(name, dist, _unknown_hooks_message(unknown)))
+                continue
+            pm.dists[name] = (dist, version)
     return pm
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, SystemExit):
+        return f"it called sys.exit({e.code!r}) while being imported"
+    return f"{type(e).__name__}: {e}"
+
+
+def _unknown_hooks_message(names: list[str]) -> str:
+    hooks = [n for n in dir(hookspecs) if n.startswith(f"{hookspecs.PROJECT}_")]
+    parts = []
+    for n in names:
+        close = difflib.get_close_matches(n, hooks, n=1)
+        parts.append(f"{n!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (f"it implements {', '.join(parts)}, which seqmix does not define (hooks: {', '.join(hooks)}); "
+            "none of its hooks were used")
 
 
 def load_registry(load_entry_points: bool = True) -> Registry:
@@ -153,18 +202,14 @@ def load_registry(load_entry_points: bool = True) -> Registry:
 
         def register(cls: type, _p=plugin_name, _d=dist, _v=version) -> None:
             _check_mixer_class(cls)
-            if cls.name in reg.mixers:  # reported; the first registration stays, the plugin's others load
-                other = reg.mixers[cls.name]
-                reg.problems.append(PluginProblem(_p, _d, (
-                    f"mixer name {cls.name!r} is registered by both {other.dist} and {_d}; {_d}'s is ignored "
-                    f"(uninstall one of them)")))
-                return
-            reg.mixers[cls.name] = MixerEntry(cls, _p, _d, _v)
+            problem = reg.add(MixerEntry(cls, _p, _d, _v))  # a duplicate name is reported, the others load
+            if problem is not None:
+                reg.problems.append(problem)
 
         try:
             impl.function(register=register)
-        except Exception as e:  # noqa: BLE001
-            reg.problems.append(PluginProblem(plugin_name, dist, f"{type(e).__name__}: {e}"))
+        except (Exception, SystemExit) as e:  # noqa: BLE001
+            reg.problems.append(PluginProblem(plugin_name, dist, _describe(e)))
     _load_importers(pm, reg)
     return reg
 

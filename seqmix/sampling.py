@@ -6,12 +6,16 @@ from typing import Optional
 
 import torch
 
+_TINY = torch.finfo(torch.float32).tiny
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen from the logits of the real vocabulary.
 
-    temperature: 0 = greedy (argmax); otherwise logits are divided by it before the softmax.
+    temperature: 0 = greedy (argmax); otherwise logits are divided by it before the softmax (after subtracting
+    each row's maximum, so a tiny temperature cannot overflow). A temperature below float32's smallest normal
+    number (about 1.2e-38), which float32 cannot divide by, is greedy too.
     top_k: keep the k most likely tokens (0 = no limit). top_p: keep the smallest set of most likely tokens
     whose probability reaches p (1 = no limit); the most likely token is always kept.
     """
@@ -30,8 +34,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when the choice is deterministic: temperature 0 or top_k 1."""
-        return self.temperature == 0 or self.top_k == 1
+        """True when the choice is deterministic: temperature 0 (or one too small for float32) or top_k 1."""
+        return self.temperature < _TINY or self.top_k == 1
 
 
 def make_generator(seed: Optional[int], device: torch.device) -> Optional[torch.Generator]:
@@ -51,7 +55,8 @@ def sample_next(
     """
     if params.greedy:
         return logits_BV.argmax(-1)
-    x_BV = logits_BV.float() / params.temperature
+    x_BV = logits_BV.float()
+    x_BV = (x_BV - x_BV.amax(-1, keepdim=True)) / params.temperature  # <= 0 everywhere: never +inf or NaN
     V = x_BV.shape[-1]
     if 0 < params.top_k < V:
         kth_B1 = torch.topk(x_BV, params.top_k, dim=-1).values[:, -1:]

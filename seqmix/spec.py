@@ -17,6 +17,7 @@ Decisions the grammar leaves open:
     arg is an error, and so is giving one arg twice.
   * Values go through `Arg.convert` (type, choices, range); float args must also be finite, so that a
     `LayerSpec` always equals itself. A VALUE is a word of letters, digits and `_ . + -`.
+  * Integer values must fit in 64 bits.
   * A spec may expand to at most `MAX_BLOCKS` blocks and nest groups at most `MAX_DEPTH` deep.
 
 `LayerSpec.args` holds only the args that differ from the declared default, in declaration order, so two
@@ -43,7 +44,9 @@ from seqmix.registry import KNOWN_PLUGINS, Registry, load_registry
 
 __all__ = ["LayerSpec", "SpecError", "parse_spec", "format_spec", "make_layer", "MAX_BLOCKS", "MAX_DEPTH"]
 
-MAX_BLOCKS = 100_000  # a typo like `mlp*10000000` is an error, not an out-of-memory
+# A typo like `mlp*100000` is an error, not minutes of building: the deepest published models have a few
+# hundred blocks, and building (even on the meta device) costs milliseconds per block.
+MAX_BLOCKS = 4096
 MAX_DEPTH = 32  # group nesting
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -51,6 +54,8 @@ _SUGAR = re.compile(r"([A-Za-z_][A-Za-z0-9_]*?)([0-9]+)")  # shortest name, long
 _WORD = re.compile(r"[A-Za-z0-9_.+\-]+")
 _PUNCT = ",()*:="
 _SHOW_WIDTH = 96  # longer spec lines are shown as a window around the caret
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_FOLD_PERIOD = 64  # the longest repeated group the compact form looks for
 
 
 @dataclass(frozen=True)
@@ -273,6 +278,8 @@ def _bind(name: str, cls: type, raw: Sequence[tuple[Optional[str], int, Any, int
             v = arg.convert(value)
         except ArgError as e:
             raise _BindError(f"{name}: {e}", pos, length, hint) from None
+        if isinstance(v, int) and not isinstance(v, bool) and not _INT64[0] <= v <= _INT64[1]:
+            raise _BindError(f"{name}: {arg.name}={value} does not fit in a 64-bit integer", pos, length, hint)
         if isinstance(v, float) and not math.isfinite(v):
             raise _BindError(f"{name}: {arg.name} must be a finite number, got {value!r}", pos, length, hint)
         given[arg.name] = v
@@ -380,11 +387,15 @@ def _format_value(name: str, arg: Arg, v: Any) -> str:
 
 
 def _fold(items: list[str]) -> list[str]:
-    """Greedy run-length folding: at each position take the period whose repeats cover the most items."""
+    """Greedy run-length folding: at each position take the period (of at most `_FOLD_PERIOD` items) whose
+    repeats cover the most items. A period that cannot beat the best cover so far is not tried, so a long
+    repetition (`mlp*100000`) folds in linear time."""
     out, i, n = [], 0, len(items)
     while i < n:
         best_p, best_k = 1, 1
-        for p in range(1, (n - i) // 2 + 1):
+        for p in range(1, min(_FOLD_PERIOD, (n - i) // 2) + 1):
+            if (n - i) // p * p <= best_p * best_k:
+                continue
             run = 0
             while i + run + p < n and items[i + run] == items[i + run + p]:
                 run += 1

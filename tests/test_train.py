@@ -1,5 +1,6 @@
 """End-to-end training on the CPU through `recipes/pretrain.py`: ZeRO 1/2/3, two processes through the DeepSpeed
-launcher, resume after an interruption, NaN handling and the exported model directory.
+launcher, resume after an interruption, NaN handling, the exported model directory, and what a start refuses (an
+infinite gradient norm, a run directory in use, a different model on resume, a bad spec, too little data).
 
 Every run is the tiny recipe shortened (64-token windows, 20 steps) in a subprocess, as a user would start it.
 The runs share one order of batches, so their loss curves must agree step for step."""
@@ -158,6 +159,59 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     assert "loss is nan at step 2" in err and "step00000001" in err
     assert (run_dir / "checkpoints/latest").read_text() == "step00000001"
     assert not (run_dir / "checkpoints/step00000002").exists() and not (run_dir / "model").exists()
+
+
+def test_an_infinite_gradient_norm_stops_the_run_naming_the_step(cache, tmp_path):
+    # lr 1e6 (after one warmup step at 5e4): the loss stays finite but every gradient overflows from step 2 on.
+    run_dir = tmp_path / "run"
+    proc = _run(run_dir, cache, "optim.lr=1e6", "train.steps=4", "train.save_every=1", rc=3)
+    err = " ".join(proc.stderr.split())
+    assert "the gradient norm is inf at step 2" in err and "step00000001" in err, err
+    assert not (run_dir / "checkpoints/step00000002").exists() and not (run_dir / "model").exists()
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_second_run_on_a_run_directory_in_use_is_refused_naming_the_holder(cache, tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from seqmix.train.runlock import RunDirLock
+lock = RunDirLock({str(run_dir)!r})
+print("held", flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = _run(run_dir, cache, rc=2)
+        err = " ".join(proc.stderr.split())
+        assert f"is in use by another training run (pid {holder.pid} on host" in err and "train.run_dir" in err
+        assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
+    finally:
+        holder.kill()
+
+
+def test_resuming_with_a_different_model_is_refused_before_loading(straight, cache, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    proc = _run(run_dir, cache, "model.d_model=64", rc=2)
+    err = " ".join(proc.stderr.split())
+    assert "holds a checkpoint of a different run (model.d_model: 128 -> 64)" in err and "Traceback" not in err
+
+
+def test_a_bad_spec_is_refused_before_deepspeed_starts(cache, tmp_path):
+    proc = _run(tmp_path / "run", cache, "model.spec=basd,mlp", rc=2)
+    assert "recipe error: model.spec: unknown mixer 'basd'" in proc.stderr and "Did you mean 'based'" in proc.stderr
+    assert "DeepSpeed" not in proc.stdout + proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_data_shorter_than_one_sample_is_a_message(cache, tmp_path):
+    (tmp_path / "small.txt").write_text("To be, or not to be, that is the question. " * 10)
+    proc = _run(tmp_path / "run", cache, "data.source=files", f"data.files=[{tmp_path / 'small.txt'}]",
+                "data.seq_len=1024", rc=2)
+    err = " ".join(proc.stderr.split())
+    assert "error: data.seq_len=1024 needs samples of 1025 tokens" in err and "Traceback" not in err
 
 
 def test_the_training_benchmark_prints_a_table(tmp_path):

@@ -32,6 +32,10 @@ FORMAT_VERSION = 1
 META_NAME = "meta.json"
 
 
+class DataError(ValueError):
+    """Training data that cannot be used (not UTF-8, no text, shorter than one sample); names the file or key."""
+
+
 # -- documents --------------------------------------------------------------------------------------------
 def _records_to_docs(records: Iterable[str], doc_regex: Optional[str]) -> Iterator[str]:
     """Without doc_regex each record is a document; with it, a record matching it starts a new document."""
@@ -55,23 +59,35 @@ def _jsonl_rows(path: Path, field: str) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
-                row = json.loads(line)
-                if field not in row:
-                    raise KeyError(f"{path}:{lineno} has no field {field!r} (set data.text_field); keys: {sorted(row)}")
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno} is not a JSON line ({e.msg}); a .jsonl file holds one JSON "
+                                    "object per line") from None
+                if not isinstance(row, dict) or field not in row:
+                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                    raise DataError(f"{path}:{lineno} has no field {field!r} (set data.text_field); keys: {keys}")
+                if not isinstance(row[field], str):
+                    raise DataError(f"{path}:{lineno}: field {field!r} is a {type(row[field]).__name__}, not text")
                 yield row[field]
 
 
 def _file_docs(paths: list[Path], data: DataSection) -> Iterator[str]:
     for path in paths:
-        if path.suffix == ".jsonl":
-            yield from _records_to_docs(_jsonl_rows(path, data.text_field), data.doc_regex)
-        elif data.doc_regex is None:
-            text = path.read_text(encoding="utf-8")
-            if text.strip():
-                yield text
-        else:
-            with open(path, encoding="utf-8") as f:
-                yield from _records_to_docs(f, data.doc_regex)
+        try:
+            if path.suffix == ".jsonl":
+                yield from _records_to_docs(_jsonl_rows(path, data.text_field), data.doc_regex)
+            elif data.doc_regex is None:
+                text = path.read_text(encoding="utf-8")
+                if text.strip():
+                    yield text
+            else:
+                with open(path, encoding="utf-8") as f:
+                    yield from _records_to_docs(f, data.doc_regex)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}"
+                            f" cannot be decoded); convert it (e.g. iconv -f latin1 -t utf-8) or leave it out of "
+                            "data.files") from None
 
 
 def resolve_files(data: DataSection) -> list[Path]:
@@ -226,7 +242,10 @@ def prepare_data(data: DataSection, log: Callable[[str], None] = lambda s: None)
                 "eos_id": tok.eos_id, "dtype": np.dtype(dtype).name, "documents": n_docs,
                 "train": train_shards, "val": val.close()}
         if not sum(s["tokens"] for s in train_shards):
-            raise ValueError(f"data.source={data.source} produced no training tokens: is the text empty?")
+            files = [str(p) for p in resolve_files(data)] if data.source in ("files", "embedded") else None
+            where = "" if files is None else f" ({', '.join(files[:5]) or 'data.files matched no file'})"
+            raise DataError(f"data.source={data.source} produced no training tokens: the text is empty or only "
+                            f"whitespace{where}; give files with text in data.files")
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         try:
             os.replace(tmp, out)
@@ -263,6 +282,18 @@ class PackedTokens:
         return np.asarray(self.shards[k][j : j + self.seq_len + 1], dtype=np.int64)
 
 
+def training_split(directory, seq_len: int) -> PackedTokens:
+    """The train split of a shard directory, refused when it holds no sample of seq_len + 1 tokens."""
+    ds = PackedTokens(directory, "train", seq_len)
+    if len(ds) == 0:
+        longest = max((s["tokens"] for s in ds.meta["train"]), default=0)
+        raise DataError(
+            f"data.seq_len={seq_len} needs samples of {seq_len + 1} tokens but the training text holds "
+            f"{ds.num_tokens} tokens (at most {longest} in one shard): lower data.seq_len to at most "
+            f"{max(1, longest - 1)}, or give more text")
+    return ds
+
+
 class SyntheticTokens:
     """Uniformly random tokens, the same for a given (seed, index): for throughput benchmarks."""
 
@@ -282,7 +313,7 @@ class StepSampler:
     def __init__(self, num_samples: int, *, global_batch: int, micro_batch: int, world_size: int, rank: int,
                  seed: int, shuffle: bool = True):
         if num_samples < 1:
-            raise ValueError("the split has no complete sample: it holds fewer than seq_len + 1 tokens; "
+            raise DataError("the split has no complete sample: it holds fewer than seq_len + 1 tokens; "
                              "lower data.seq_len or give more text")
         self.n, self.G, self.mb, self.W, self.rank = num_samples, global_batch, micro_batch, world_size, rank
         self.seed, self.shuffle = seed, shuffle

@@ -44,6 +44,9 @@ def init_distributed() -> tuple[int, int, int]:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
     if not tdist.is_initialized():
+        from seqmix.train.ds_ops import prepare_comm_op
+
+        prepare_comm_op(int(os.environ["WORLD_SIZE"]))  # per-environment build folder; none for a world of one
         deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
     return tdist.get_rank(), tdist.get_world_size(), local_rank
 

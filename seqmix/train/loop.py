@@ -7,7 +7,8 @@ Run under any launcher (`deepspeed`, `torchrun`) or none: a plain `python` start
 process-group variables are filled in by seqmix.train.dist). `train` is the loop; `setup_run` builds what
 it needs (engine, data, resumed state); `train_step` is one optimizer step: `accum` micro-batches of forward +
 backward, the mean loss all-reduced and checked (NaN/inf stops the run before the optimizer step, naming the
-step; the last good checkpoint stays), then the optimizer step. Logs go to the console (rank 0), <run_dir>/metrics.jsonl
+step; the last good checkpoint stays), then the optimizer step, whose gradient norm is checked the same way (not
+under fp16, whose loss scaler skips overflowing steps itself). Logs go to the console (rank 0), <run_dir>/metrics.jsonl
 (one JSON object per step and per evaluation) and TensorBoard when installed.
 """
 from __future__ import annotations
@@ -26,9 +27,11 @@ from torch import nn
 
 from seqmix.config import ModelConfig, resolve_model
 from seqmix.train import ckpt
-from seqmix.train.data import PackedTokens, StepSampler, SyntheticTokens, get_batch, prepare_data
+from seqmix.train.data import (PackedTokens, StepSampler, SyntheticTokens, get_batch, prepare_data,
+                               training_split)
 from seqmix.train.dist import all_reduce_sum, barrier, init_distributed
 from seqmix.train.ds_config import build_ds_config
+from seqmix.train.runlock import RunDirLock
 from seqmix.train.schema import OptimSection, Recipe, RecipeError, recipe_to_dict, recipe_to_yaml
 
 # Dense bf16/fp16 tensor-core peak per device (FLOP/s), matched against the device name, for MFU.
@@ -38,7 +41,8 @@ RESUME_KEYS = ("model", "data.tokenizer", "data.seq_len", "data.source", "train.
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+    """The loss or the gradient norm became NaN or infinite; the message names the step and the last good
+    checkpoint."""
 
 
 @dataclass
@@ -173,7 +177,7 @@ def _datasets(recipe: Recipe, vocab_size: int, local_rank: int, say):
         prepare_data(d, log=say)
     barrier()
     shard_dir = prepare_data(d)  # found in the cache now
-    return PackedTokens(shard_dir, "train", d.seq_len), PackedTokens(shard_dir, "val", d.seq_len)
+    return training_split(shard_dir, d.seq_len), PackedTokens(shard_dir, "val", d.seq_len)
 
 
 @dataclass
@@ -194,6 +198,7 @@ class Run:
     metrics: Optional["_MetricsLog"]  # rank 0 only
     peak: Optional[float]  # FLOP/s of one device, for MFU
     manual_norm: bool  # DeepSpeed reports no grad norm (ZeRO 0 in fp32): compute it here
+    lock: Optional[RunDirLock]  # rank 0 holds <run_dir>/.lock for the run
 
 
 def setup_run(recipe: Recipe, console) -> Run:
@@ -204,9 +209,13 @@ def setup_run(recipe: Recipe, console) -> Run:
     from seqmix.spec import format_spec
     from seqmix.tokenizer import tokenizer_vocab_size
 
+    preflight(recipe)  # a bad spec or head count is a RecipeError before DeepSpeed starts
     rank, world, local_rank = init_distributed()
     is0 = rank == 0
     say = partial(console.print, markup=False, highlight=False) if is0 else (lambda *a, **k: None)
+    run_lock = RunDirLock(recipe.train.run_dir) if is0 else None  # one run per run_dir; RunDirBusy if taken
+    if run_lock is not None and run_lock.previous:
+        say(f"{run_lock.path}: took over from a run that ended without releasing it ({run_lock.previous})")
     device = torch.device(get_accelerator().device_name(local_rank))
     t, d = recipe.train, recipe.data
     run_dir = Path(t.run_dir)
@@ -221,10 +230,10 @@ def setup_run(recipe: Recipe, console) -> Run:
     train_ds, val_ds = _datasets(recipe, lm.config.vocab_size, local_rank, say)
 
     ckpt_dir = run_dir / "checkpoints"
-    client = ckpt.load_checkpoint(built.engine, ckpt_dir, rank)
+    client = ckpt.load_checkpoint(built.engine, ckpt_dir, rank, check=partial(_check_resumable, recipe=recipe,
+                                                                               run_dir=run_dir))  # before loading
     start = 0
     if client is not None:
-        _check_resumable(client["recipe"], recipe, run_dir)
         start = int(client["step"])
         say(f"resuming {run_dir} from step {start} ({ckpt_dir / ckpt.tag_for(start)})")
     if is0:
@@ -242,13 +251,14 @@ def setup_run(recipe: Recipe, console) -> Run:
                             world_size=world, rank=rank, seed=t.seed),
         metrics=_MetricsLog(run_dir, start, recipe.log.tensorboard) if is0 else None,
         peak=peak_flops(device, t.dtype, recipe.log.peak_tflops),
-        manual_norm=recipe.zero.stage == 0 and t.dtype == "fp32",
+        manual_norm=recipe.zero.stage == 0 and t.dtype == "fp32", lock=run_lock,
     )
 
 
 def train_step(run: Run, step: int) -> dict:
     """Optimizer step `step` (0-based): `accum` micro-batches of forward + backward, the mean loss all-reduced
-    and checked (NaN/inf raises TrainingDiverged before the optimizer step), then the optimizer step. Returns
+    and checked (NaN/inf raises TrainingDiverged before the optimizer step), then the optimizer step and its
+    gradient norm checked (a non-finite norm raises TrainingDiverged before anything is saved). Returns
     the step's metrics record."""
     t, seq_len = run.recipe.train, run.recipe.data.seq_len
     engine = run.built.engine
@@ -264,16 +274,13 @@ def train_step(run: Run, step: int) -> dict:
     all_reduce_sum(loss_sum)
     loss_val = loss_sum.item() / (run.accum * run.world)
     if not math.isfinite(loss_val):
-        last = ckpt.latest_tag(run.ckpt_dir)
-        raise TrainingDiverged(
-            f"the training loss is {loss_val} at step {step + 1}; stopped before the optimizer step. "
-            + (f"The last good checkpoint is {run.ckpt_dir / last} (step {int(last[4:])}); " if last else
-               "No checkpoint was written yet; ")
-            + "lower optim.lr or raise optim.warmup_steps, then rerun")
+        raise _diverged(f"the training loss is {loss_val} at step {step + 1}; stopped before the optimizer step",
+                        run.ckpt_dir)
     lr = engine.get_lr()[0]
     norm = _grad_norm(engine.module) if run.manual_norm else None
     engine.step()
     norm = norm if run.manual_norm else engine.get_global_grad_norm()
+    _check_grad_norm(norm, step + 1, t.dtype, run.ckpt_dir)
     done = step + 1
     dt = time.perf_counter() - t0
     tok_s = t.global_batch * seq_len / dt
@@ -332,7 +339,44 @@ def train(recipe: Recipe, *, stop_after: Optional[int] = None, console=None) -> 
         result.export_dir = export_dir
         say(f"exported the model to {export_dir} (seqmix generate {export_dir} --prompt ...)")
     result.seconds = time.perf_counter() - t_start
+    if run.lock is not None:
+        run.lock.release()
     return result
+
+
+def preflight(recipe: Recipe) -> None:
+    """Build the recipe's model on the meta device (nothing allocated) before DeepSpeed starts, so a bad spec,
+    a head count that does not divide the width or a kernel that cannot run here is a RecipeError."""
+    from seqmix.model import build_model
+    from seqmix.spec import SpecError
+    from seqmix.tokenizer import tokenizer_vocab_size
+
+    key = "model.arch" if recipe.model.arch else "model.spec"
+    try:
+        build_model(model_config(recipe, tokenizer_vocab_size(recipe.data.tokenizer)), device="meta")
+    except SpecError as e:
+        raise RecipeError(f"{key}: {e}") from None
+    except (ValueError, KeyError, RuntimeError, OverflowError) as e:  # KeyError: UnknownMixerError
+        raise RecipeError(f"model: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
+
+
+def _diverged(what: str, ckpt_dir: Path) -> TrainingDiverged:
+    last = ckpt.latest_tag(ckpt_dir)
+    return TrainingDiverged(
+        f"{what}. " + (f"The last good checkpoint is {ckpt_dir / last} (step {int(last[4:])}); " if last else
+                       "No checkpoint was written yet; ")
+        + "lower optim.lr or raise optim.warmup_steps, then rerun")
+
+
+def _check_grad_norm(norm, step: int, dtype: str, ckpt_dir: Path) -> None:
+    """A NaN/inf gradient norm stops the run (the step is not saved or exported). Not under fp16, where DeepSpeed's
+    loss scaler expects overflowing steps: it skips them and lowers the scale (a NaN loss still stops the run)."""
+    if norm is None or dtype == "fp16":
+        return
+    value = float(norm)
+    if not math.isfinite(value):
+        raise _diverged(f"the gradient norm is {value} at step {step}; stopped without saving or exporting that "
+                        "step", ckpt_dir)
 
 
 @torch.no_grad()

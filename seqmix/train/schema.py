@@ -200,6 +200,11 @@ def validate(r: Recipe) -> None:
     from seqmix.tokenizer import NAMES
 
     m, t, o, d, z, lg = r.model, r.train, r.optim, r.data, r.zero, r.log
+    for name, section in (("model", m), ("train", t), ("optim", o), ("data", d), ("zero", z), ("log", lg)):
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            _require(not isinstance(v, int) or isinstance(v, bool) or -(1 << 63) <= v < (1 << 63),
+                     f"{name}.{f.name}", f"{v} does not fit in a 64-bit integer")
     _require((m.arch is None) != (m.spec is None), "model",
              "give exactly one of model.arch (a named architecture) or model.spec (a spec string)")
     if m.arch is not None:
