@@ -1,4 +1,4 @@
-"""The `seqmix` command line: build (inspect/save a model from a spec), plugins, generate, convert (import checkpoints)."""
+"""The `seqmix` command line: build (inspect/save a model from a spec), plugins, generate, convert (import checkpoints), mqar."""
 from __future__ import annotations
 
 import json
@@ -368,3 +368,8 @@ def convert_cmd(src, dst, revision, cache_dir, local_files_only) -> None:
         _fail(f"error: {e}")
     out = save(model, dst)
     click.echo(f"wrote {out}: {model.config.spec} ({model.num_params():,} parameters)")
+
+
+from seqmix.synthetics.cli import mqar  # noqa: E402  (the `seqmix mqar` group; its code lives in seqmix/synthetics)
+
+main.add_command(mqar)
