@@ -1,4 +1,4 @@
-"""The `seqmix` command line: build (inspect/save a model from a spec), plugins, generate, convert (import checkpoints)."""
+"""The `seqmix` command line: build (inspect/save a model from a spec), plugins, generate, convert (import checkpoints), eval."""
 from __future__ import annotations
 
 import json
@@ -188,6 +188,10 @@ def plugins_cmd(as_json: bool) -> None:
 
 
 main.add_command(plugins_cmd, name="mixers")
+
+from seqmix.eval.cli import eval_cmd  # noqa: E402  (click only; lm-eval is imported when the command runs)
+
+main.add_command(eval_cmd)
 
 
 @main.command(name="generate")
