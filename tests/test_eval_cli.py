@@ -103,6 +103,19 @@ def test_bad_arguments_get_one_line_errors(setup, tmp_path):
     assert "Traceback" not in res.output
 
 
+def test_a_config_that_fails_is_recorded_and_the_others_still_run(setup, tmp_path):
+    tiny, _, tasks = setup
+    broken = tmp_path / "broken"
+    broken.mkdir()  # a directory without config.json
+    res = _eval("-m", broken, "-m", tiny, "-t", tasks[0], "--dtype", "float32", "--device", "cpu", "--limit", "2",
+                "--output-dir", tmp_path / "out")
+    assert res.exit_code == 1
+    assert f"{broken} x {tasks[0]} failed" in res.output and "config.json not found" in res.output
+    rec = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [e["model"] for e in rec["errors"]] == [str(broken)]
+    assert [(r["model"], r["examples"]) for r in rec["results"]] == [(str(tiny), 2)]
+
+
 def _sanitized(model: str) -> str:
     from lm_eval.utils import sanitize_model_name  # how lm-eval names a model's output folder
 

@@ -48,50 +48,63 @@ def run_parallel(settings: EvalSettings, gpus: list[str], on_event: Callable[[Ev
         threading.Thread(target=_pump, args=(w, p, events), daemon=True).start()
         workers.append((p, log))
     pending = iter(configs)
+    assigned: dict[int, Optional[int]] = {}  # worker -> the config it is running
 
-    def hand_out(w: int) -> bool:
-        nxt = next(pending, None)
+    def hand_out(w: int) -> None:
+        assigned[w] = None
         p = workers[w][0]
-        if nxt is None:
-            p.stdin.close()
-            return False
-        i, (model, task) = nxt
-        p.stdin.write(json.dumps({"index": i, "model": model, "task": task}) + "\n")
-        p.stdin.flush()
-        return True
+        nxt = next(pending, None) if p.poll() is None else None
+        try:
+            if nxt is None:
+                p.stdin.close()
+                return
+            i, (model, task) = nxt
+            p.stdin.write(json.dumps({"index": i, "model": model, "task": task}) + "\n")
+            p.stdin.flush()
+            assigned[w] = i
+        except (BrokenPipeError, OSError):  # it died meanwhile: its exit event reports it
+            if nxt is not None:
+                assigned[w] = nxt[0]
 
-    busy = sum(hand_out(w) for w in range(len(workers)))
+    for w in range(len(workers)):
+        hand_out(w)
+    reported: set[int] = set()
     alive = len(workers)
     while alive:
         ev = events.get()
+        w = ev["worker"]
         if ev["event"] == "exit":
             alive -= 1
-            if ev.get("running") is not None:  # died mid-config: report it, the rest go to the others
-                on_event({"event": "error", "worker": ev["worker"], "index": ev["running"],
-                          "message": f"worker {ev['worker']} exited with status {ev['status']} (see "
-                                     f"{out_dir / ('worker-%d.log' % ev['worker'])})"})
+            if assigned.get(w) is not None:  # died with a config in hand
+                reported.add(assigned[w])
+                on_event({"event": "error", "worker": w, "index": assigned[w],
+                          "message": f"worker {w} exited with status {ev['status']} (see "
+                                     f"{out_dir / f'worker-{w}.log'})"})
+                assigned[w] = None
             continue
         on_event(ev)
         if ev["event"] in ("result", "error"):
-            busy -= 1
-            busy += hand_out(ev["worker"])
+            reported.add(ev["index"])
+            hand_out(w)
+    for i, _ in configs:  # left over when every worker died
+        if i not in reported:
+            on_event({"event": "error", "worker": None, "index": i,
+                      "message": f"not run: every worker exited (see {out_dir}/worker-*.log)"})
     for p, log in workers:
         p.wait()
         log.close()
 
 
 def _pump(w: int, p: subprocess.Popen, events: "queue.Queue[Event]") -> None:
-    """Forward one worker's stdout events; on its exit, say so (with the config it was running, if any)."""
-    running: Optional[int] = None
+    """Forward one worker's stdout events to the parent's queue, then its exit."""
     for line in p.stdout:
         try:
             ev = json.loads(line)
         except json.JSONDecodeError:
             continue
         ev["worker"] = w
-        running = ev["index"] if ev["event"] == "progress" else None if ev["event"] in ("result", "error") else running
         events.put(ev)
-    events.put({"event": "exit", "worker": w, "status": p.wait(), "running": running})
+    events.put({"event": "exit", "worker": w, "status": p.wait()})
 
 
 def _worker() -> None:
