@@ -119,6 +119,21 @@ def test_the_seqmix_model_is_registered_and_declared_as_an_entry_point():
     assert eps.get("seqmix") == "seqmix.eval.lm_eval:SeqmixLM"
 
 
+def test_an_attention_model_is_evaluated_within_its_kv_cache_length():
+    from seqmix.config import resolve_model
+    from seqmix.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(resolve_model("attn,mlp", layers=2, d_model=32, n_heads=2, vocab_size=257, max_seqlen=64))
+    lm = SeqmixLM(model, tokenizer="bytes", dtype="float32", device="cpu")
+    assert lm.max_length == 64  # not 2048: decoding stops at config.max_seqlen
+    req = Instance("generate_until", {}, ("x" * 500, {"until": ["\n"], "max_gen_toks": 48}), 0)
+    (text,) = lm.generate_until([req])  # the context keeps its last 64 - 48 tokens
+    assert isinstance(text, str)
+    with pytest.raises(ValueError, match="max_length=128 exceeds the 64 tokens"):
+        SeqmixLM(model, tokenizer="bytes", max_length=128)
+
+
 def test_bad_model_args_are_refused_with_the_supported_ones(models):
     _, ours = models
     with pytest.raises(ValueError, match="does not take model_args.*parallelize"):

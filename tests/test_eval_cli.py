@@ -108,7 +108,7 @@ def test_a_config_that_fails_is_recorded_and_the_others_still_run(setup, tmp_pat
     broken = tmp_path / "broken"
     broken.mkdir()  # a directory without config.json
     res = _eval("-m", broken, "-m", tiny, "-t", tasks[0], "--dtype", "float32", "--device", "cpu", "--limit", "2",
-                "--output-dir", tmp_path / "out")
+                "--output-dir", tmp_path / "out", env={"COLUMNS": "300"})
     assert res.exit_code == 1
     assert f"{broken} x {tasks[0]} failed" in res.output and "config.json not found" in res.output
     rec = json.loads((tmp_path / "out" / "results.json").read_text())

@@ -52,11 +52,11 @@ class _AllStopped(Exception):
 class SeqmixLM(HFLM):
     """lm-eval's HFLM over a seqmix HybridLM. `pretrained`: a model directory or hub name (or a HybridLM, with
     `tokenizer`). Model args: dtype (bfloat16), device (cuda when available), batch_size (an int or "auto"),
-    max_batch_size, max_length (2048), tokenizer ("gpt2" / "bytes"; default the recorded one), cuda_graph."""
+    max_batch_size, max_length (2048, or config.max_seqlen if less and the model has attention blocks), tokenizer ("gpt2" / "bytes"; default the recorded one), cuda_graph."""
 
     def __init__(self, pretrained, *, tokenizer: Optional[str] = None, dtype: Union[str, torch.dtype] = "bfloat16",
                  device: Optional[str] = None, batch_size: Union[int, str] = 1, max_batch_size: int = 64,
-                 max_length: int = DEFAULT_MAX_LENGTH, logits_cache: bool = True, truncation: bool = False,
+                 max_length: Optional[int] = None, logits_cache: bool = True, truncation: bool = False,
                  prefix_token_id: Optional[int] = None, cuda_graph: Optional[bool] = None, **unknown) -> None:
         if unknown:
             raise ValueError(f"the seqmix model does not take model_args {sorted(unknown)}; it takes pretrained, "
@@ -84,7 +84,7 @@ class SeqmixLM(HFLM):
         self.tokenizer_id, self.dtype_name = tokenizer, str(dtype).removeprefix("torch.")
         self.vocab_size = self.tokenizer.vocab_size
         self.logits_cache, self.truncation = logits_cache, truncation
-        self._max_length = int(max_length)
+        self._max_length = _length_limit(model, max_length)
         self.cuda_graph = cuda_graph
         if str(batch_size).startswith("auto"):
             parts = str(batch_size).split(":")
@@ -169,6 +169,19 @@ class SeqmixLM(HFLM):
         """What results.json records about the model (no hub lookups)."""
         return {"model_num_parameters": sum(p.numel() for p in self._model.parameters()),
                 "model_dtype": self.dtype_name, "model_spec": self._config.spec, "tokenizer": self.tokenizer_id}
+
+
+def _length_limit(model, max_length: Optional[int]) -> int:
+    """Tokens per request: `max_length`, default 2048, or less for a model whose KV cache ends at config.max_seqlen
+    (seqmix refuses to decode past it; recurrent and windowed states take any length)."""
+    cache = any(b.mixer.state_kind == "cache" for b in model.blocks)
+    limit = model.config.max_seqlen if cache else None
+    if max_length is None:
+        return min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
+    if limit and int(max_length) > limit:
+        raise ValueError(f"max_length={max_length} exceeds the {limit} tokens this model's attention blocks keep a "
+                         f"KV cache for (config.max_seqlen); pass max_length <= {limit}")
+    return int(max_length)
 
 
 def _dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:

@@ -127,6 +127,12 @@ def rows_from_results(model: str, out: dict) -> list[dict]:
     return rows
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _free_cuda() -> None:
     import gc
 
@@ -142,6 +148,10 @@ def seqmix_commit() -> str:
     """The git commit of the seqmix source that ran ("+dirty" with uncommitted changes), or "unknown"."""
     src = Path(__file__).resolve().parents[2]
     try:
+        top = subprocess.run(["git", "-C", str(src), "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=10)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != src:  # not a checkout of seqmix itself
+            return "unknown"
         head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10)
         if head.returncode != 0:
@@ -168,7 +178,7 @@ def build_record(settings: EvalSettings, rows: list[dict], errors: list[dict], s
         "dtype": settings.dtype,
         "batch_size": settings.batch_size,
         "limit": settings.limit,
-        "device": settings.device or "auto",
+        "device": settings.device or ("cuda" if _cuda() else "cpu"),
         "workers": workers,
         "seconds": round(seconds, 1),
         "settings": settings.to_dict(),
