@@ -52,7 +52,8 @@ class _AllStopped(Exception):
 class SeqmixLM(HFLM):
     """lm-eval's HFLM over a seqmix HybridLM. `pretrained`: a model directory or hub name (or a HybridLM, with
     `tokenizer`). Model args: dtype (bfloat16), device (cuda when available), batch_size (an int or "auto"),
-    max_batch_size, max_length (2048, or config.max_seqlen if less and the model has attention blocks), tokenizer ("gpt2" / "bytes"; default the recorded one), cuda_graph."""
+    max_batch_size, max_length (2048; at most config.max_seqlen for a model with attention blocks), tokenizer
+    ("gpt2" / "bytes"; default the one the directory records), cuda_graph (default: on CUDA)."""
 
     def __init__(self, pretrained, *, tokenizer: Optional[str] = None, dtype: Union[str, torch.dtype] = "bfloat16",
                  device: Optional[str] = None, batch_size: Union[int, str] = 1, max_batch_size: int = 64,
@@ -64,7 +65,7 @@ class SeqmixLM(HFLM):
         TemplateLM.__init__(self)
         dtype = _dtype(dtype)
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
-            if device is not None:  # lm-eval's command line defaults --device to cuda:0, as HFLM does, fall back
+            if device is not None:  # lm-eval's command line defaults --device to cuda:0; like HFLM, fall back
                 logging.getLogger(__name__).warning("device %s is not available; using the CPU", device)
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if isinstance(pretrained, torch.nn.Module):
