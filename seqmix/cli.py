@@ -87,9 +87,9 @@ def build(spec, layers, d_model, heads, vocab, seq_len, as_json, save_dir, forwa
     if forward_tokens is not None:
         report["forward"] = _forward_smoke(model, forward_tokens)
     if save_dir is not None:
-        from seqmix.checkpoint import save_pretrained
+        from seqmix.io import save
 
-        report["saved"] = str(save_pretrained(model, save_dir))
+        report["saved"] = str(save(model, save_dir))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -148,7 +148,8 @@ def _print_build(r: dict) -> None:
 @main.command(name="plugins")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def plugins_cmd(as_json: bool) -> None:
-    """List every registered mixer: provider, version, spec args, state kind, runnable implementations."""
+    """List every registered mixer (provider, version, spec args, state kind, runnable implementations) and the
+    checkpoint formats the importers read."""
     import torch
 
     from seqmix.registry import load_registry
@@ -167,8 +168,9 @@ def plugins_cmd(as_json: bool) -> None:
             "impls": {d: {k: ("ok" if v is None else v) for k, v in m.items()} for d, m in impls.items()},
         })
     problems = [{"plugin": p.plugin, "dist": p.dist, "error": p.message} for p in reg.problems]
+    importers = [{"model_type": k, "plugin": e.plugin, "dist": e.dist} for k, e in sorted(reg.importers.items())]
     if as_json:
-        click.echo(json.dumps({"mixers": rows, "problems": problems}, indent=2, default=str))
+        click.echo(json.dumps({"mixers": rows, "importers": importers, "problems": problems}, indent=2, default=str))
         return
     from rich.console import Console
     from rich.table import Table
@@ -183,6 +185,8 @@ def plugins_cmd(as_json: bool) -> None:
     console = Console()
     console.print(table)
     console.print("* keyword-only argument (name=value)")
+    console.print("checkpoint formats (seqmix convert / seqmix.io.load): "
+                  + (", ".join(f"{i['model_type']} ({i['dist']})" for i in importers) or "none"), highlight=False)
     for p in problems:
         console.print(f"[red]plugin {p['plugin']} ({p['dist']}) failed to load:[/red] {p['error']}")
 
@@ -228,14 +232,14 @@ def generate_cmd(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
 
         is_dir = Path(model).is_dir()
         if not is_dir and "/" in model:  # a hub name "org/name" (specs never hold a slash): fetch it first
-            from seqmix.checkpoint import resolve_model_dir
+            from seqmix.io import resolve_model_dir
 
             model, is_dir = str(resolve_model_dir(model)), True
         tok = get_tokenizer(tokenizer_name or (recorded_tokenizer(model) if is_dir else None) or "gpt2")
         if is_dir:
-            from seqmix.checkpoint import from_pretrained
+            from seqmix.io import load
 
-            lm = from_pretrained(model, device=device, dtype=dtype)
+            lm = load(model, device=device, dtype=dtype)
         else:
             from seqmix.config import resolve_model
             from seqmix.model import build_model
@@ -291,12 +295,11 @@ def convert_cmd(src, dst, revision, cache_dir, local_files_only) -> None:
     write a seqmix model directory DST. SRC is a Based-repo checkpoint (config.json + pytorch_model.bin: the
     Based hybrids, their attention baselines and Mamba stacks) or a transformers save_pretrained directory of
     LlamaForCausalLM or MambaForCausalLM (read from config.json); single or sharded weights."""
-    from seqmix.checkpoint import save_pretrained
-    from seqmix.convert import convert_checkpoint
+    from seqmix.io import load, save
 
     try:
-        model = convert_checkpoint(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        model = load(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     except (ValueError, OSError, KeyError, ImportError) as e:
         _fail(f"error: {e}")
-    out = save_pretrained(model, dst)
+    out = save(model, dst)
     click.echo(f"wrote {out}: {model.config.spec} ({model.num_params():,} parameters)")

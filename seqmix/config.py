@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 # The published models of the Based paper, block by block (REFERENCE.md). One block = one residual branch.
+# The attention baselines: RoPE dim int(0.5 * head_dim) (flash-attn's convention: 35 rotates 36 channels) and
+# GatedMlp's int(8 d / 3) rounded up to a multiple of 256 (2816 at d 1024, 4608 at d 1680).
 _BASED_360M = "conv,mlp,(based,mlp,swa:129,mlp,(conv,mlp)*3)*5,conv,mlp"
 _BASED_1B = (
     "conv,mlp,(based,mlp,swa:129,mlp,(conv,mlp)*3)*5,conv,mlp,"
@@ -16,7 +18,7 @@ NAMED_ARCHS: dict[str, dict[str, Any]] = {
     "based-360m": dict(spec=_BASED_360M, d_model=1024, n_heads=16),
     "based-1b": dict(spec=_BASED_1B, d_model=1792, n_heads=16),
     "attn-360m": dict(spec="(attn:rotary_dim=32,mlp:2816)*24", d_model=1024, n_heads=16, pad_vocab_multiple=16),
-    "attn-1b": dict(spec="(attn:rotary_dim=36,mlp:4480)*36", d_model=1680, n_heads=24, pad_vocab_multiple=16),
+    "attn-1b": dict(spec="(attn:rotary_dim=35,mlp:4608)*36", d_model=1680, n_heads=24, pad_vocab_multiple=16),
     "mamba-360m": dict(spec="mamba*46", d_model=1024, n_heads=16),
     "mamba-1b": dict(spec="mamba*46", d_model=2048, n_heads=16),
 }

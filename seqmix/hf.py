@@ -1,6 +1,6 @@
 """transformers integration: `import seqmix.hf` registers seqmix with AutoConfig / AutoModelForCausalLM.
 
-After the import, a directory written by `HybridLM.save_pretrained` loads with
+After the import, a directory written by `seqmix.io.save` loads with
 `AutoModelForCausalLM.from_pretrained(dir)` and transformers' own `generate` runs on it (greedy, sampling,
 beam search, left-padded batches). The wrapper holds the HybridLM as `.model`; its states travel between
 generate's forward calls in a `SeqmixCache`, one seqmix state per block, allocated once for the whole
@@ -53,7 +53,7 @@ class SeqmixConfig(PreTrainedConfig):
     tie_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
-        kwargs.pop("seqmix_version", None)  # written by seqmix's save_pretrained for the record
+        kwargs.pop("seqmix_version", None)  # written by seqmix.io.save for the record
         self.tie_word_embeddings = self.tie_embeddings
         super().__post_init__(**kwargs)
 
@@ -289,13 +289,13 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
         return h_BTD, states
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Write seqmix's own format (loadable by HybridLM.from_pretrained and by AutoModelForCausalLM)."""
+        """Write seqmix's own format (loadable by seqmix.io.load and by AutoModelForCausalLM)."""
         unsupported = sorted(k for k, v in kwargs.items() if v and k not in ("safe_serialization", "max_shard_size"))
         if unsupported:
             raise ValueError(f"SeqmixForCausalLM.save_pretrained does not support {unsupported}")
-        from seqmix.checkpoint import save_pretrained
+        from seqmix.io import save
 
-        save_pretrained(self.model, save_directory, **({"max_shard_size": kwargs["max_shard_size"]}
+        save(self.model, save_directory, **({"max_shard_size": kwargs["max_shard_size"]}
                                                        if kwargs.get("max_shard_size") else {}))
 
 

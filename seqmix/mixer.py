@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -185,6 +185,19 @@ class Mixer(nn.Module):
     def spec_repr(self) -> str:
         args = getattr(self, "args", {})
         return ", ".join(f"{k}={v}" for k, v in args.items())
+
+    # -- foreign checkpoints ----------------------------------------------------------------------
+    @classmethod
+    def import_weights(cls, source: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This mixer's parameters (its own names, e.g. "out_proj.weight") from one layer of a foreign checkpoint.
+
+        `source` names the format (the model_type its importer registered: "based-repo", "llama", "mamba", or a
+        plugin's); `tensors` holds the layer's tensors under the checkpoint's names, its layer prefix removed
+        (e.g. "q_proj.weight" of "model.layers.3.self_attn."). Fuse, split or reshape as the format needs. Read
+        the names you use with `tensors[name]`: a missing one raises KeyError, which the importer reports as a
+        missing key of that layer, and every tensor you do not read is reported as unexpected. The default
+        keeps every name as is (a format that uses this mixer's own names)."""
+        return dict(tensors)
 
 
 def state_nbytes(state: Any) -> int:

@@ -134,21 +134,6 @@ class HybridLM(nn.Module):
 
         return generate(self, input_ids, **kwargs)
 
-    # -- files ------------------------------------------------------------------------------------
-    def save_pretrained(self, directory, **kwargs):
-        """config.json + safetensors in `directory`, written atomically (seqmix.checkpoint.save_pretrained)."""
-        from seqmix.checkpoint import save_pretrained
-
-        return save_pretrained(self, directory, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, **kwargs) -> "HybridLM":
-        """A seqmix directory, an importable checkpoint (Based repo, Llama, Mamba) or a hub name; keyword
-        arguments (device, dtype, revision, ...): seqmix.checkpoint.from_pretrained."""
-        from seqmix.checkpoint import from_pretrained
-
-        return from_pretrained(name_or_path, **kwargs)
-
     # -- accounting -------------------------------------------------------------------------------
     def block_rows(self, seqlen: int, state_dtype: torch.dtype = torch.bfloat16) -> list[dict]:
         """Per block: index, canonical spec, parameters, state bytes per sequence at `seqlen`, FLOPs/token."""

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.metadata as md
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import pluggy
 
@@ -29,6 +30,15 @@ class MixerEntry:
 
 
 @dataclass(frozen=True)
+class ImporterEntry:
+    model_type: str
+    importer: Callable  # (directory, config dict, registry) -> HybridLM
+    detect: Optional[Callable[[dict], bool]]  # for configs whose model_type does not name the format
+    plugin: str
+    dist: str
+
+
+@dataclass(frozen=True)
 class PluginProblem:
     plugin: str
     dist: str
@@ -48,6 +58,7 @@ class UnknownMixerError(KeyError):
 class Registry:
     mixers: dict[str, MixerEntry] = field(default_factory=dict)
     problems: list[PluginProblem] = field(default_factory=list)
+    importers: dict[str, ImporterEntry] = field(default_factory=dict)  # checkpoint model_type -> importer
 
     def __contains__(self, name: str) -> bool:
         return name in self.mixers
@@ -97,18 +108,22 @@ class PluginManager(pluggy.PluginManager):
         self.dists: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
 
 
+# The core's own plugins (plugin name -> module), imported by name when a manager is built, as pytest does with
+# its default plugins: the mixers mlp and conv, and the checkpoint importers.
+BUILTIN_PLUGINS = {"builtin": "seqmix.builtins", "builtin-importers": "seqmix.io.importers"}
+
+
 def get_plugin_manager(load_entry_points: bool = True) -> PluginManager:
-    """Build a fresh plugin manager: built-ins first, then each `seqmix` entry point on its own.
+    """Build a fresh plugin manager: built-ins first (BUILTIN_PLUGINS), then each `seqmix` entry point on its own.
 
     pluggy's own `load_setuptools_entrypoints` stops at the first entry point that fails to import, so
     entry points are loaded one by one and each failure is recorded in `pm.problems` instead of raised.
     """
-    from seqmix import builtins
-
     pm = PluginManager()
     pm.add_hookspecs(hookspecs)
-    pm.register(builtins, name="builtin")
-    pm.dists["builtin"] = ("seqmix", _version("seqmix"))
+    for name, module in BUILTIN_PLUGINS.items():
+        pm.register(importlib.import_module(module), name=name)
+        pm.dists[name] = ("seqmix", _version("seqmix"))
     if load_entry_points:
         for ep in sorted(md.entry_points(group=hookspecs.ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist is not None else "?"
@@ -150,7 +165,29 @@ def load_registry(load_entry_points: bool = True) -> Registry:
             impl.function(register=register)
         except Exception as e:  # noqa: BLE001
             reg.problems.append(PluginProblem(plugin_name, dist, f"{type(e).__name__}: {e}"))
+    _load_importers(pm, reg)
     return reg
+
+
+def _load_importers(pm: PluginManager, reg: Registry) -> None:
+    """Call every plugin's `seqmix_register_importers`; the first importer of a model_type stays."""
+    for impl in pm.hook.seqmix_register_importers.get_hookimpls():
+        plugin_name, dist = impl.plugin_name, pm.dists[impl.plugin_name][0]
+
+        def register(model_type: str, importer: Callable, *, detect=None, _p=plugin_name, _d=dist) -> None:
+            if not callable(importer) or (detect is not None and not callable(detect)):
+                raise TypeError(f"importer {model_type!r}: importer and detect must be callables")
+            if model_type in reg.importers:
+                other = reg.importers[model_type].dist
+                reg.problems.append(PluginProblem(_p, _d, f"checkpoint format {model_type!r} is registered by both "
+                                                          f"{other} and {_d}; {_d}'s is ignored"))
+                return
+            reg.importers[model_type] = ImporterEntry(model_type, importer, detect, _p, _d)
+
+        try:
+            impl.function(register=register)
+        except Exception as e:  # noqa: BLE001
+            reg.problems.append(PluginProblem(plugin_name, dist, f"{type(e).__name__}: {e}"))
 
 
 def _check_mixer_class(cls: type) -> None:

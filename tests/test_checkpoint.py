@@ -8,12 +8,14 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from seqmix.checkpoint import from_pretrained, parse_size, read_weights, resolve_model_dir, save_pretrained
+from seqmix.io import load, parse_size, read_weights, resolve_model_dir, save
 from seqmix.cli import main
 from seqmix.config import resolve_model
-from seqmix.convert import convert_based_repo, convert_checkpoint
+from seqmix.io.importers.based_repo import convert_based_repo
 from seqmix.model import build_model
-from test_convert import VOCAB, published_state_dict, write_checkpoint
+from test_convert import BASED, published_state_dict, write_checkpoint
+
+VOCAB = BASED["vocab_size"]
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -66,7 +68,7 @@ def test_sharded_round_trip(tmp_path, tie):
     assert ("lm_head.weight" in state) != tie  # a tied head is not stored twice
     sizes = {k: v.nbytes for k, v in state.items()}
     limit = sum(sizes.values()) // 5
-    d = save_pretrained(model, tmp_path / "m", max_shard_size=limit)
+    d = save(model, tmp_path / "m", max_shard_size=limit)
     index = json.loads((d / "model.safetensors.index.json").read_text())
     files = sorted(p.name for p in d.glob("*.safetensors"))
     n = len(files)
@@ -80,10 +82,10 @@ def test_sharded_round_trip(tmp_path, tie):
             keys = set(fh.keys())
         assert keys == {k for k, v in index["weight_map"].items() if v == f}
         assert (d / f).stat().st_size <= limit  # safetensors header included
-    again = from_pretrained(d)
+    again = load(d)
     assert again.config == model.config
     assert_same_logits(again, model)
-    save_pretrained(again, d)  # re-saving unsharded replaces the whole folder: no stale shards
+    save(again, d)  # re-saving unsharded replaces the whole folder: no stale shards
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
 
 
@@ -91,7 +93,7 @@ def test_no_shard_file_exceeds_the_limit_headers_included(tmp_path):
     """Limits just above the largest tensor pack shards tightly; counting tensor bytes only overflows them."""
     model = tiny()
     for limit in range(17_000, 40_000, 1_500):
-        d = save_pretrained(model, tmp_path / "m", max_shard_size=limit)
+        d = save(model, tmp_path / "m", max_shard_size=limit)
         sizes = {f.name: f.stat().st_size for f in d.glob("*.safetensors")}
         assert len(sizes) > 1 and max(sizes.values()) <= limit, (limit, sizes)
 
@@ -99,37 +101,38 @@ def test_no_shard_file_exceeds_the_limit_headers_included(tmp_path):
 def test_tensor_larger_than_the_limit_gets_its_own_shard(tmp_path):
     model = tiny()
     limit = model.embed.weight.nbytes // 2
-    d = save_pretrained(model, tmp_path / "m", max_shard_size=limit)
+    d = save(model, tmp_path / "m", max_shard_size=limit)
     weight_map = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
     alone = [k for k, f in weight_map.items() if f == weight_map["embed.weight"]]
     assert alone == ["embed.weight"] and (d / weight_map["embed.weight"]).stat().st_size > limit
-    assert_same_logits(from_pretrained(d), model)
+    assert_same_logits(load(d), model)
 
 
 def test_missing_shard_is_named(tmp_path):
-    d = save_pretrained(tiny(), tmp_path / "m", max_shard_size="20KB")
+    d = save(tiny(), tmp_path / "m", max_shard_size="20KB")
     second = sorted(d.glob("model-*.safetensors"))[1]
     second.unlink()
     with pytest.raises(FileNotFoundError, match=second.name):
-        from_pretrained(d)
+        load(d)
 
 
 def test_model_prefix_is_stripped_only_when_every_key_has_it(tmp_path):
     model = tiny()
-    d = save_pretrained(model, tmp_path / "m")
+    d = save(model, tmp_path / "m")
     t = load_file(str(d / "model.safetensors"))
     save_file({"model." + k: v for k, v in t.items()}, str(d / "model.safetensors"))
-    assert_same_logits(from_pretrained(d), model)
+    assert_same_logits(load(d), model)
     t["model.embed.weight"] = t.pop("embed.weight")
     save_file(t, str(d / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"missing keys \['embed.weight'\].*unexpected keys \['model.embed.weight'\]"):
-        from_pretrained(d)
+    with pytest.raises(ValueError, match=r"(?s)missing keys: \['embed.weight'\].*unexpected keys: "
+                                         r"\['model.embed.weight'\]"):
+        load(d)
 
 
 # -- Based-repo .bin shards ---------------------------------------------------------------------------
 def test_sharded_based_repo_bin_loads_like_the_single_file(tmp_path):
-    single = write_checkpoint(tmp_path / "single")
-    sd = published_state_dict()  # with the `model.` prefix and a metrics entry, as published
+    single = write_checkpoint(tmp_path / "single", BASED)
+    sd = published_state_dict(BASED)  # with the `model.` prefix and a metrics entry, as published
     keys = list(sd)
     shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
               "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
@@ -152,8 +155,8 @@ def test_sharded_based_repo_bin_loads_like_the_single_file(tmp_path):
 def test_hub_name_loads_a_sharded_seqmix_model_from_the_cache(tmp_path):
     pytest.importorskip("huggingface_hub")
     model = tiny()
-    cache = fake_hub_cache(tmp_path / "hub", "org/name", save_pretrained(model, tmp_path / "m", max_shard_size="20KB"))
-    got = from_pretrained("org/name", cache_dir=cache, local_files_only=True)
+    cache = fake_hub_cache(tmp_path / "hub", "org/name", save(model, tmp_path / "m", max_shard_size="20KB"))
+    got = load("org/name", cache_dir=cache, local_files_only=True)
     assert_same_logits(got, model)
     path = resolve_model_dir("org/name", revision=COMMIT, cache_dir=cache, local_files_only=True)
     assert path == cache / "models--org--name" / "snapshots" / COMMIT
@@ -161,11 +164,11 @@ def test_hub_name_loads_a_sharded_seqmix_model_from_the_cache(tmp_path):
 
 def test_hub_name_not_in_the_cache_says_what_to_do(tmp_path):
     pytest.importorskip("huggingface_hub")
-    cache = fake_hub_cache(tmp_path / "hub", "org/name", save_pretrained(tiny(), tmp_path / "m"))
+    cache = fake_hub_cache(tmp_path / "hub", "org/name", save(tiny(), tmp_path / "m"))
     with pytest.raises(FileNotFoundError, match=r"(?s)org/missing.*local_files_only=True.*local directory"):
-        from_pretrained("org/missing", cache_dir=cache, local_files_only=True)
+        load("org/missing", cache_dir=cache, local_files_only=True)
     with pytest.raises(FileNotFoundError, match="revision 'v2'"):
-        from_pretrained("org/name", revision="v2", cache_dir=cache, local_files_only=True)
+        load("org/name", revision="v2", cache_dir=cache, local_files_only=True)
 
 
 @pytest.mark.parametrize("name", ["./no/such/dir", "/no/such", "a/b/c", "single", "org/name..x", "org/-"])
@@ -181,31 +184,31 @@ def test_hub_without_huggingface_hub_says_how_to_install(tmp_path, monkeypatch):
     assert resolve_model_dir(tmp_path) == tmp_path  # local directories never need it
 
 
-def test_based_repo_checkpoint_on_the_hub_is_converted_by_from_pretrained(tmp_path):
+def test_based_repo_checkpoint_on_the_hub_is_imported_by_load(tmp_path):
     pytest.importorskip("huggingface_hub")
-    src = write_checkpoint(tmp_path / "based")
+    src = write_checkpoint(tmp_path / "based", BASED)
     cache = fake_hub_cache(tmp_path / "hub", "hazyresearch/based-tiny", src)
-    got = from_pretrained("hazyresearch/based-tiny", cache_dir=cache, local_files_only=True)
+    got = load("hazyresearch/based-tiny", cache_dir=cache, local_files_only=True)
     want = convert_based_repo(src)
     assert got.config == want.config
     assert_same_logits(got, want, VOCAB)
-    wide = from_pretrained("hazyresearch/based-tiny", cache_dir=cache, local_files_only=True, dtype=torch.float64)
+    wide = load("hazyresearch/based-tiny", cache_dir=cache, local_files_only=True, dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in wide.parameters())
     with torch.no_grad():
         assert torch.allclose(wide(tokens(VOCAB)).float(), want(tokens(VOCAB)), atol=1e-4)
-    same = convert_checkpoint("hazyresearch/based-tiny", cache_dir=cache, local_files_only=True)
+    same = load("hazyresearch/based-tiny", cache_dir=cache, local_files_only=True)
     assert_same_logits(same, want, VOCAB)
 
 
 def test_convert_cli_accepts_a_hub_name(tmp_path):
     pytest.importorskip("huggingface_hub")
-    src = write_checkpoint(tmp_path / "based")
+    src = write_checkpoint(tmp_path / "based", BASED)
     cache = fake_hub_cache(tmp_path / "hub", "hazyresearch/based-tiny", src)
     run = CliRunner().invoke
     r = run(main, ["convert", "hazyresearch/based-tiny", str(tmp_path / "out"), "--cache-dir", str(cache),
                    "--local-files-only", "--revision", "main"])
     assert r.exit_code == 0, r.output
-    assert_same_logits(from_pretrained(tmp_path / "out"), convert_based_repo(src), VOCAB)
+    assert_same_logits(load(tmp_path / "out"), convert_based_repo(src), VOCAB)
     r = run(main, ["convert", "hazyresearch/nope", str(tmp_path / "out2"), "--cache-dir", str(cache),
                    "--local-files-only"])
     assert r.exit_code == 2 and "hazyresearch/nope" in r.output and "Traceback" not in r.output

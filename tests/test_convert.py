@@ -1,4 +1,18 @@
-"""Checkpoint import and round trips: a Based-repo checkpoint written here, checked against naive published math."""
+"""Based-repo checkpoint import, checked against a naive fp64 model written from the original code's semantics.
+
+The configs are the reference YAMLs' `model.config` blocks (HazyResearch/based train/configs/experiment/reference/
+based-360m.yaml, attn-360m.yaml, attn-1b.yaml) with every key kept, interpolations resolved as the published
+config.json files have them, and only widths and depths shrunk. The naive model follows what the original code
+does (REFERENCE.md; based/models/gpt.py, mixers/convolution.py, flash-attn 2.5's GatedMlp and RotaryEmbedding):
+  1. BaseConv: d_inner = expand_proj * d // 2; in_proj d -> expand_proj * d = [conv half | gate half];
+     `kernel_sizes` (plural) is swallowed by **kwargs, so the kernel is the default 3.
+  2. GatedMlp: hidden = ceil(h / 256) * 256 with h = n_inner if set, else int(8 * d / 3).
+  3. Rotary dim R = int(rotary_emb_fraction * head_dim) for attention *and* sliding-window layers (0 if absent).
+  4. RotaryEmbedding(dim=R): inv_freq = 1 / 10000^(arange(0, R, 2) / R), rotate-half over 2 * ceil(R / 2) channels.
+  Also: keys absent from config.json take GPT2Config's defaults (vocab 50257); the sliding window attends itself
+  and window_size // 2 earlier tokens; softmax scale head_dim^-0.5; Taylor map with the diagonal included.
+"""
+import copy
 import json
 import math
 
@@ -7,92 +21,125 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from seqmix.checkpoint import from_pretrained, save_pretrained
+from seqmix.io import load, save
 from seqmix.cli import main
 from seqmix.config import NAMED_ARCHS, ModelConfig, resolve_model
-from seqmix.convert import ConversionError, based_repo_model_config, convert_based_repo
+from seqmix.io import ConversionError
+from seqmix.io.importers.based_repo import based_repo_model_config, convert_based_repo
 from seqmix.model import build_model
 
-# Converted fp32 model vs the fp64 naive reference: max |error| relative to the largest logit. fp32 round-off
-# through 12 residual blocks sits near 5e-6 of the logit scale; a wrong window, scale or layout is above 1e-2.
-TOL = {torch.float32: 1e-5}
+TOL = 1e-5  # relative (norm) error of the converted fp32 model's logits against the fp64 naive model
 
-# A small checkpoint in the published layout: conv elsewhere, linear attention at 1 and 4, sliding window at 2
-# and 4 (alt_mixer_2_layers wins, as in the Based repo), 4 heads, Taylor feature dim 4.
-D, N_LAYER, VOCAB, PAD, N_HEAD, FEAT, WINDOW_SIZE = 64, 6, 100, 8, 4, 4, 16
-CONFIG = {
-    "n_embd": D, "n_layer": N_LAYER, "n_head": N_HEAD, "n_inner": 2 * D, "vocab_size": VOCAB,
-    "pad_vocab_size_multiple": PAD, "layer_norm_epsilon": 1e-5,
-    "alt_mixer_layers": [1, 4], "alt_mixer_2_layers": [2, 4],
-    "alt_mixer": {"feature_dim": FEAT, "num_heads": N_HEAD, "feature_map": "taylor_exp"},
-    "alt_mixer_2": {"window_size": WINDOW_SIZE, "num_heads": N_HEAD},
-    "mixer": {"expand_proj": 2, "kernel_size": 3},
+_COMMON = {  # the keys every reference config block carries, verbatim
+    "rms_norm": True, "fused_mlp": False, "attn_pdrop": 0, "embd_pdrop": 0, "n_positions": 2048, "resid_pdrop": 0,
+    "mlp_fc1_bias": False, "mlp_fc2_bias": False, "fused_bias_fc": True, "out_proj_bias": False,
+    "qkv_proj_bias": False, "use_flash_attn": True, "residual_in_fp32": True, "activation_function": "swiglu",
+    "fused_dropout_add_ln": True, "max_position_embeddings": 0, "reorder_and_upcast_attn": False,
+    "scale_attn_by_inverse_layer_idx": False,
 }
+# based-360m.yaml: d 1024 -> 64, heads 16 -> 4, 27 -> 6 layers, feature dim 16 -> 4, window 256 -> 16. n_inner =
+# 2 * n_embd = 128 is not a multiple of 256 here, so GatedMlp's rounding matters (-> 256). Layer 4 is in both lists
+# (alt_mixer_2 is checked first in the original).
+BASED = {
+    "alt_mixer_layers": [1, 4], "alt_mixer_2_layers": [2, 4],
+    "mixer": {"_target_": "based.models.mixers.convolution.BaseConv", "l_max": 2048, "use_bias": True,
+              "expand_proj": 4, "kernel_sizes": 3},
+    "alt_mixer": {"_target_": "based.models.mixers.linear_attention.LinearAttention", "l_max": 2048,
+                  "feature_map": {"_target_": "based.models.mixers.linear_attention.TaylorExp", "input_dim": 4},
+                  "feature_dim": 4, "num_heads": 4, "parallel_implementation": "fla_parallel"},
+    "alt_mixer_2": {"_target_": "based.models.mixers.slide_attention.SlidingAttention", "window_size": 16,
+                    "num_heads": 4, "causal": True},
+    "n_embd": 64, "special_initializer": True, "n_head": 4, "n_layer": 6,
+    "_target_": "based.models.gpt.GPT2MixerConfig", **_COMMON, "rotary_emb_fraction": 1,
+    "pad_vocab_size_multiple": 8, "n_inner": 128,
+}
+BASED["vocab_size"] = 100  # (not in the YAML, whose GPT-2 default 50257 the attention configs below keep)
+# attn-360m.yaml: d 1024 -> 64, 16 -> 4 heads (head dim 16, rotary 8 of 16), 24 -> 2 layers; no n_inner, so
+# GatedMlp's default int(8 * 64 / 3) = 170 -> 256; no vocab_size: GPT2Config's 50257.
+ATTN_360M = {"n_embd": 64, "n_head": 4, "n_layer": 2, "_target_": "transformers.GPT2Config", **_COMMON,
+             "rotary_emb_fraction": 0.5, "pad_vocab_size_multiple": 16, "ff_mult": 4}
+# attn-1b.yaml's head size: head dim 70 (d 1680 / 24 heads -> 140 / 2), rotary int(0.5 * 70) = 35 rotating 36.
+ATTN_1B = {**ATTN_360M, "n_embd": 140, "n_head": 2}
+# The same with the full rotary fraction and an n_inner that is not a multiple of 256 (300 -> 512).
+ATTN_FULL_ROTARY = {**ATTN_360M, "rotary_emb_fraction": 1, "n_inner": 300}
+CONFIGS = {"based-360m": BASED, "attn-360m": ATTN_360M, "attn-1b": ATTN_1B, "attn-full-rotary": ATTN_FULL_ROTARY}
 
 
-def _kind(i: int) -> str:
-    return "swa" if i in CONFIG["alt_mixer_2_layers"] else "based" if i in CONFIG["alt_mixer_layers"] else "conv"
+# -- the original model's facts, written out (no seqmix code) ---------------------------------------
+def layer_kind(cfg, i: int) -> str:
+    if i in (cfg.get("alt_mixer_2_layers") or ()):
+        return "swa" if cfg.get("alt_mixer_2") else "attn"
+    if i in (cfg.get("alt_mixer_layers") or ()):
+        return "based" if cfg.get("alt_mixer") else "attn"
+    return "conv" if cfg.get("mixer") else "attn"
 
 
-def published_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights under the published key names (with the `model.` prefix, a metrics entry, a tied head)."""
+def mlp_hidden(cfg) -> int:
+    h = cfg["n_inner"] if cfg.get("n_inner") is not None else int(8 * cfg["n_embd"] / 3)
+    return math.ceil(h / 256) * 256
+
+
+def published_state_dict(cfg, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in the original layout (a `model.` prefix, a metrics entry, the tied head stored)."""
     g = torch.Generator().manual_seed(seed)
 
     def w(*shape, std=0.1):
         return torch.randn(*shape, generator=g) * std
 
-    V = math.ceil(VOCAB / PAD) * PAD
-    sd = {"transformer.embeddings.word_embeddings.weight": w(V, D, std=0.1), "transformer.ln_f.weight": 1 + w(D)}
-    for i in range(N_LAYER):
+    d, H = cfg["n_embd"], cfg["n_head"]
+    m = cfg["pad_vocab_size_multiple"]
+    V = math.ceil(cfg.get("vocab_size", 50257) / m) * m
+    hidden = mlp_hidden(cfg)
+    sd = {"transformer.embeddings.word_embeddings.weight": w(V, d), "transformer.ln_f.weight": 1 + w(d)}
+    for i in range(cfg["n_layer"]):
         p = f"transformer.layers.{i}."
-        sd[p + "norm1.weight"], sd[p + "norm2.weight"] = 1 + w(D), 1 + w(D)
-        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc2.weight"] = w(4 * D, D), w(D, 2 * D)
-        if _kind(i) == "conv":
-            sd[p + "mixer.in_proj.weight"], sd[p + "mixer.in_proj.bias"] = w(4 * D, D), w(4 * D)
-            sd[p + "mixer.conv.conv.weight"] = w(2 * D, 1, 3, std=0.5)
-            sd[p + "mixer.out_proj.weight"], sd[p + "mixer.out_proj.bias"] = w(D, 2 * D), w(D)
-        elif _kind(i) == "based":
-            for name in ("proj_q", "proj_k"):
-                sd[p + f"mixer.{name}.weight"] = w(N_HEAD * FEAT, D, std=0.3)
-            sd[p + "mixer.proj_v.weight"], sd[p + "mixer.out_proj.weight"] = w(D, D), w(D, D)
+        sd[p + "norm1.weight"], sd[p + "norm2.weight"] = 1 + w(d), 1 + w(d)
+        sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc2.weight"] = w(2 * hidden, d), w(d, hidden)
+        kind = layer_kind(cfg, i)
+        if kind == "conv":
+            ep = cfg["mixer"]["expand_proj"]
+            inner = ep * d // 2
+            sd[p + "mixer.in_proj.weight"], sd[p + "mixer.in_proj.bias"] = w(ep * d, d), w(ep * d)
+            sd[p + "mixer.conv.conv.weight"] = w(inner, 1, 3, std=0.5)
+            sd[p + "mixer.out_proj.weight"], sd[p + "mixer.out_proj.bias"] = w(d, inner), w(d)
+        elif kind == "based":
+            hf = cfg["alt_mixer"]["num_heads"] * cfg["alt_mixer"]["feature_dim"]
+            sd[p + "mixer.proj_q.weight"], sd[p + "mixer.proj_k.weight"] = w(hf, d, std=0.3), w(hf, d, std=0.3)
+            sd[p + "mixer.proj_v.weight"], sd[p + "mixer.out_proj.weight"] = w(d, d), w(d, d)
         else:
-            sd[p + "mixer.Wqkv.weight"], sd[p + "mixer.out_proj.weight"] = w(3 * D, D, std=0.3), w(D, D)
+            sd[p + "mixer.Wqkv.weight"], sd[p + "mixer.out_proj.weight"] = w(3 * d, d, std=0.3), w(d, d)
     out = {"model." + k: v for k, v in sd.items()}
     out["model.lm_head.weight"] = sd["transformer.embeddings.word_embeddings.weight"].clone()
     out["model.train_metrics.acc"] = torch.zeros(())
     return out
 
 
-def write_checkpoint(path, sd=None, config=None):
+def write_checkpoint(path, cfg, sd=None):
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config or CONFIG))
-    torch.save(published_state_dict() if sd is None else sd, path / "pytorch_model.bin")
+    (path / "config.json").write_text(json.dumps(cfg))
+    torch.save(published_state_dict(cfg) if sd is None else sd, path / "pytorch_model.bin")
     return path
 
 
-# -- the published math, written out naively (fp64, loops; no seqmix code) ------------------------
 def rms(x, w, eps=1e-5):
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
 
 def swiglu(x, sd, p):
-    h = x @ sd[p + "mlp.fc1.weight"].T
-    y, gate = h[..., : h.shape[-1] // 2], h[..., h.shape[-1] // 2 :]
+    y, gate = (x @ sd[p + "mlp.fc1.weight"].T).chunk(2, -1)  # the gate is the second half
     return (F.silu(gate) * y) @ sd[p + "mlp.fc2.weight"].T
 
 
-def base_conv(x, sd, p):
-    B, T, _ = x.shape
+def base_conv(x, sd, p, cfg):
+    T, inner = x.shape[1], cfg["mixer"]["expand_proj"] * cfg["n_embd"] // 2
     u = x @ sd[p + "mixer.in_proj.weight"].T + sd[p + "mixer.in_proj.bias"]
-    a, gate = u[..., : 2 * D], u[..., 2 * D :]
-    W = sd[p + "mixer.conv.conv.weight"]  # [C, 1, K]; W[:, 0, K-1] multiplies the current token
-    K = W.shape[-1]
+    a, gate = u[..., :inner], u[..., inner:]
+    W = sd[p + "mixer.conv.conv.weight"]  # nn.Conv1d [C, 1, 3], padding 2, first T outputs: W[..., 2] * x_t
     c = torch.zeros_like(a)
     for t in range(T):
-        for j in range(K):
-            s = t - (K - 1) + j
-            if s >= 0:
-                c[:, t] += W[:, 0, j] * a[:, s]
+        for j in range(3):
+            if t - 2 + j >= 0:
+                c[:, t] += W[:, 0, j] * a[:, t - 2 + j]
     return (F.silu(c) * gate) @ sd[p + "mixer.out_proj.weight"].T + sd[p + "mixer.out_proj.bias"]
 
 
@@ -102,114 +149,181 @@ def taylor_phi(x):
     return torch.cat([torch.ones_like(x[..., :1]), x / f**0.25, outer / (math.sqrt(2) * math.sqrt(f))], -1)
 
 
-def linear_attention(x, sd, p):
-    B, T, _ = x.shape
-    q = (x @ sd[p + "mixer.proj_q.weight"].T).view(B, T, N_HEAD, FEAT)
-    k = (x @ sd[p + "mixer.proj_k.weight"].T).view(B, T, N_HEAD, FEAT)
-    v = (x @ sd[p + "mixer.proj_v.weight"].T).view(B, T, N_HEAD, D // N_HEAD)
-    pq, pk = taylor_phi(q), taylor_phi(k)
+def linear_attention(x, sd, p, cfg):
+    B, T, d = x.shape
+    h, f = cfg["alt_mixer"]["num_heads"], cfg["alt_mixer"]["feature_dim"]
+    q = taylor_phi((x @ sd[p + "mixer.proj_q.weight"].T).view(B, T, h, f))
+    k = taylor_phi((x @ sd[p + "mixer.proj_k.weight"].T).view(B, T, h, f))
+    v = (x @ sd[p + "mixer.proj_v.weight"].T).view(B, T, h, d // h)
     o = torch.zeros_like(v)
     for i in range(T):
-        a = torch.einsum("bhe,bjhe->bjh", pq[:, i], pk[:, : i + 1])  # diagonal included
+        a = torch.einsum("bhe,bjhe->bjh", q[:, i], k[:, : i + 1])  # the diagonal included
         o[:, i] = torch.einsum("bjh,bjhd->bhd", a, v[:, : i + 1]) / (a.sum(1)[..., None] + 1e-12)
-    return o.reshape(B, T, D) @ sd[p + "mixer.out_proj.weight"].T
+    return o.reshape(B, T, d) @ sd[p + "mixer.out_proj.weight"].T
 
 
-def rope(x):  # x [B, T, H, Dh], rotate-half over the full head dim, base 10000, positions from 0
-    T, dh = x.shape[1], x.shape[-1]
-    inv = 1.0 / 10000 ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh)
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv  # [T, Dh/2]
-    cos, sin = torch.cat([ang.cos(), ang.cos()], -1)[:, None], torch.cat([ang.sin(), ang.sin()], -1)[:, None]
-    rotated = torch.cat([-x[..., dh // 2 :], x[..., : dh // 2]], -1)
-    return x * cos + rotated * sin
+def rotary(x, R):
+    """flash-attn RotaryEmbedding(dim=R), non-interleaved, base 10000, positions from 0."""
+    if R == 0:
+        return x
+    inv = 1.0 / 10000 ** (torch.arange(0, R, 2, dtype=torch.float64) / R)
+    n = inv.numel()
+    ang = torch.arange(x.shape[1], dtype=torch.float64)[:, None] * inv
+    c, s = ang.cos()[:, None], ang.sin()[:, None]
+    x1, x2 = x[..., :n], x[..., n : 2 * n]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, x[..., 2 * n :]], -1)
 
 
-def sliding_window(x, sd, p):
-    B, T, _ = x.shape
-    dh = D // N_HEAD
-    q, k, v = (x @ sd[p + "mixer.Wqkv.weight"].T).view(B, T, 3, N_HEAD, dh).unbind(2)
-    q, k = rope(q), rope(k)
+def attention(x, sd, p, cfg, window=None):
+    B, T, d = x.shape
+    H = cfg["n_head"]  # the sliding window's num_heads is overridden by n_head in the original
+    dh = d // H
+    R = int(cfg.get("rotary_emb_fraction", 0.0) * dh)
+    q, k, v = (x @ sd[p + "mixer.Wqkv.weight"].T).view(B, T, 3, H, dh).unbind(2)
+    q, k = rotary(q, R), rotary(k, R)
     o = torch.zeros_like(v)
     for i in range(T):
-        lo = max(0, i - WINDOW_SIZE // 2)  # the query itself and window_size // 2 earlier tokens
+        lo = 0 if window is None else max(0, i - window // 2)
         s = torch.einsum("bhd,bjhd->bjh", q[:, i], k[:, lo : i + 1]) / math.sqrt(dh)
         o[:, i] = torch.einsum("bjh,bjhd->bhd", s.softmax(1), v[:, lo : i + 1])
-    return o.reshape(B, T, D) @ sd[p + "mixer.out_proj.weight"].T
+    return o.reshape(B, T, d) @ sd[p + "mixer.out_proj.weight"].T
 
 
-def naive_logits(sd, tokens):
+def naive_logits(cfg, sd, tokens):
     sd = {k.removeprefix("model."): v.double() for k, v in sd.items() if "metrics" not in k}
-    x = sd["transformer.embeddings.word_embeddings.weight"][tokens]
-    mixers = {"conv": base_conv, "based": linear_attention, "swa": sliding_window}
-    for i in range(N_LAYER):
-        p = f"transformer.layers.{i}."
-        x = x + mixers[_kind(i)](rms(x, sd[p + "norm1.weight"]), sd, p)
+    E = sd["transformer.embeddings.word_embeddings.weight"]
+    x = E[tokens]
+    for i in range(cfg["n_layer"]):
+        p, kind = f"transformer.layers.{i}.", layer_kind(cfg, i)
+        h = rms(x, sd[p + "norm1.weight"])
+        if kind == "conv":
+            x = x + base_conv(h, sd, p, cfg)
+        elif kind == "based":
+            x = x + linear_attention(h, sd, p, cfg)
+        else:
+            x = x + attention(h, sd, p, cfg, cfg["alt_mixer_2"]["window_size"] if kind == "swa" else None)
         x = x + swiglu(rms(x, sd[p + "norm2.weight"]), sd, p)
-    x = rms(x, sd["transformer.ln_f.weight"])
-    return (x @ sd["transformer.embeddings.word_embeddings.weight"].T)[..., :VOCAB]
+    return (rms(x, sd["transformer.ln_f.weight"]) @ E.T)[..., : cfg.get("vocab_size", 50257)]
+
+
+def rel_err(got, ref):
+    return ((got.double() - ref).norm() / ref.norm()).item()
 
 
 # -- tests ------------------------------------------------------------------------------------------
-def test_published_layer_lists_map_to_the_named_architectures():
-    for name, n_layer, d, lin, sw in (("based-360m", 27, 1024, [1, 6, 11, 16, 21], [2, 7, 12, 17, 22]),
-                                      ("based-1b", 36, 1792, [1, 6, 11, 16, 21, 27, 33],
-                                       [2, 7, 12, 17, 22, 28, 34])):
-        cfg = dict(n_embd=d, n_layer=n_layer, n_head=16, vocab_size=50257, pad_vocab_size_multiple=8,
-                   alt_mixer_layers=lin, alt_mixer_2_layers=sw, alt_mixer=dict(feature_dim=16, num_heads=16),
-                   alt_mixer_2=dict(window_size=256, num_heads=16), mixer=dict(expand_proj=2, kernel_size=3))
-        config = based_repo_model_config(cfg, set())
-        assert config.spec == resolve_model(name).spec, name
-        assert (config.d_model, config.padded_vocab_size) == (NAMED_ARCHS[name]["d_model"], 50264)
-        assert build_model(config, device="meta").num_params() == {"based-360m": 362_620_928,
-                                                                   "based-1b": 1_349_453_056}[name]
-
-
-def test_based_repo_import_matches_naive_published_math(tmp_path):
-    src = write_checkpoint(tmp_path / "based")
-    model = convert_based_repo(src)
-    kinds = [_kind(i) for i in range(N_LAYER)]
-    assert kinds == ["conv", "based", "swa", "conv", "swa", "conv"]
-    want = ",".join(f"{ {'conv': 'conv', 'based': 'based:feature_dim=4', 'swa': 'swa:9'}[k]},mlp" for k in kinds)
-    assert model.config.spec == want.replace(" ", "")
-    tokens = torch.randint(0, VOCAB, (3, 63), generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("name", CONFIGS)
+def test_reference_configs_import_with_the_original_logits(tmp_path, name):
+    """Forward logits, decode-step logits and greedy tokens of the converted model equal the naive model's."""
+    cfg = CONFIGS[name]
+    sd = published_state_dict(cfg)
+    model = convert_based_repo(write_checkpoint(tmp_path / name, cfg, sd))
+    vocab = cfg.get("vocab_size", 50257)
+    tokens = torch.randint(0, vocab, (2, 40), generator=torch.Generator().manual_seed(1))
+    ref = naive_logits(cfg, sd, tokens)
+    assert ref.abs().max() > 1.0  # the random weights are large enough that every layer matters
     with torch.no_grad():
         got = model(tokens)
-    ref = naive_logits(published_state_dict(), tokens)
-    assert got.dtype == torch.float32 and not got.isnan().any()
-    assert ref.abs().max() > 1.0  # the random weights are large enough that every layer matters
-    err = (got.double() - ref).abs().max() / ref.abs().max()
-    assert err < TOL[torch.float32], f"max error {err:.2e} of the logit scale"
+        assert got.shape == ref.shape and rel_err(got, ref) < TOL, f"{name}: forward {rel_err(got, ref):.2e}"
+        states = model.init_states(2, max_seqlen=64)
+        steps = torch.stack([model.step(tokens[:, t], states)[0] for t in range(tokens.shape[1])], 1)
+    assert rel_err(steps, ref) < TOL, f"{name}: decode steps {rel_err(steps, ref):.2e}"
+    prompt, want = tokens[:, :20], tokens[:, :20]
+    for _ in range(6):  # greedy decoding with the naive model
+        want = torch.cat([want, naive_logits(cfg, sd, want)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, temperature=0.0), want[:, 20:])
+
+
+def test_reference_configs_map_to_the_expected_specs(tmp_path):
+    """What the four facts mean for each shrunk config, spelled out."""
+    want = {
+        "based-360m": "conv,mlp:256,based:feature_dim=4,mlp:256,swa:9,mlp:256,conv,mlp:256,swa:9,mlp:256,conv,mlp:256",
+        "attn-360m": "attn:rotary_dim=8,mlp:256,attn:rotary_dim=8,mlp:256",
+        "attn-1b": "attn:rotary_dim=35,mlp:512,attn:rotary_dim=35,mlp:512",
+        "attn-full-rotary": "attn,mlp:512,attn,mlp:512",
+    }
+    for name, cfg in CONFIGS.items():
+        config = based_repo_model_config(cfg, set())
+        assert config.spec == want[name], name
+        assert config.vocab_size == cfg.get("vocab_size", 50257)
+    model = convert_based_repo(write_checkpoint(tmp_path / "b", BASED))
+    assert model.blocks[0].mixer.inner == 128 and model.blocks[0].mixer.kernel_size == 3  # expand_proj 4 -> 2d
+
+
+def test_published_configs_map_to_the_named_architectures():
+    """Full-size reference configs give the named architectures and the published parameter counts."""
+    based = {**BASED, "n_embd": 1024, "n_head": 16, "n_layer": 27, "n_inner": 2048, "vocab_size": 50257,
+             "alt_mixer_layers": [1, 6, 11, 16, 21], "alt_mixer_2_layers": [2, 7, 12, 17, 22],
+             "alt_mixer": {**BASED["alt_mixer"], "feature_dim": 16, "num_heads": 16},
+             "alt_mixer_2": {**BASED["alt_mixer_2"], "window_size": 256, "num_heads": 16}}
+    based_1b = {**based, "n_embd": 1792, "n_layer": 36, "n_inner": 3584, "alt_mixer_layers": [1, 6, 11, 16, 21, 27, 33],
+                "alt_mixer_2_layers": [2, 7, 12, 17, 22, 28, 34]}
+    attn_360m = {**ATTN_360M, "n_embd": 1024, "n_head": 16, "n_layer": 24}
+    attn_1b = {**ATTN_360M, "n_embd": 1680, "n_head": 24, "n_layer": 36}
+    counts = {"based-360m": 362_620_928, "based-1b": 1_349_453_056, "attn-360m": 359_810_048,
+              "attn-1b": 1_327_080_720}  # attn-1b: MLP 4608 (GatedMlp rounding), rotary 35
+    for name, cfg in (("based-360m", based), ("based-1b", based_1b), ("attn-360m", attn_360m), ("attn-1b", attn_1b)):
+        config = based_repo_model_config(cfg, set())
+        named = resolve_model(name)
+        assert config.spec == named.spec, name
+        assert (config.d_model, config.n_heads, config.padded_vocab_size) == (
+            named.d_model, named.n_heads, named.padded_vocab_size), name
+        assert build_model(config, device="meta").num_params() == counts[name], name
+    assert "mlp:4608" in resolve_model("attn-1b").spec and "rotary_dim=35" in resolve_model("attn-1b").spec
 
 
 def test_naive_reference_can_fail(tmp_path):
-    """The comparison is sensitive to the window convention: a window one token wider gives other logits."""
-    model = convert_based_repo(write_checkpoint(tmp_path / "based"))
-    wider = build_model(ModelConfig.from_dict({**model.config.to_dict(),
-                                               "spec": model.config.spec.replace("swa:9", "swa:10")}))
-    wider.load_state_dict(model.state_dict())
-    tokens = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert not torch.allclose(wider(tokens).double(), naive_logits(published_state_dict(), tokens), atol=1e-3)
+    """The comparison is sensitive to each fact: a window one wider, or the old rotary convention (36 over 36
+    instead of 35 over 35), gives other logits."""
+    for cfg, old, new in ((BASED, "swa:9", "swa:10"), (ATTN_1B, "rotary_dim=35", "rotary_dim=36")):
+        sd = published_state_dict(cfg)
+        model = convert_based_repo(write_checkpoint(tmp_path / old, cfg, sd))
+        other = build_model(ModelConfig.from_dict({**model.config.to_dict(),
+                                                   "spec": model.config.spec.replace(old, new)}))
+        other.load_state_dict(model.state_dict())
+        tokens = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            assert rel_err(other(tokens), naive_logits(cfg, sd, tokens)) > 100 * TOL, new
+
+
+def test_unsupported_settings_are_refused_with_the_key_named(tmp_path):
+    for change, match in (({"mixer": {**BASED["mixer"], "expand_proj": 3}}, "expand_proj = 3"),
+                          ({"mlp_fc1_bias": True}, "MLP biases"),
+                          ({"activation_function": "gelu_new"}, "activation_function"),
+                          ({"qkv_proj_bias": True}, "attention biases"),
+                          ({"rotary_emb_interleaved": True}, "interleaved"),
+                          ({"mixer": {**BASED["mixer"], "_target_": "based.models.mixers.hyena.Hyena"}}, "Hyena")):
+        with pytest.raises(ConversionError, match=match):
+            based_repo_model_config({**BASED, **change}, set())
+    r = CliRunner().invoke(main, ["convert", str(write_checkpoint(tmp_path / "odd", {**BASED, "mixer": {
+        **BASED["mixer"], "expand_proj": 3}}, published_state_dict(BASED))), str(tmp_path / "out")])
+    assert r.exit_code == 2 and "expand_proj = 3" in r.output and "Traceback" not in r.output
+
+
+def test_kernel_sizes_plural_is_ignored_as_in_the_original(tmp_path):
+    cfg = copy.deepcopy(BASED)
+    cfg["mixer"]["kernel_sizes"] = 5  # swallowed by BaseConv's **kwargs: the kernel stays 3
+    assert "conv:5" not in based_repo_model_config(cfg, set()).spec
+    convert_based_repo(write_checkpoint(tmp_path / "k", cfg, published_state_dict(BASED)))
 
 
 def test_convert_cli_writes_a_model_directory(tmp_path):
-    src = write_checkpoint(tmp_path / "based")
+    src = write_checkpoint(tmp_path / "based", BASED)
     r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
-    loaded, direct = from_pretrained(tmp_path / "out"), convert_based_repo(src)
-    tokens = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(3))
+    loaded, direct = load(tmp_path / "out"), convert_based_repo(src)
+    tokens = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(loaded(tokens), direct(tokens))
 
 
 def test_mismatch_names_missing_unexpected_and_misshapen_keys(tmp_path):
-    sd = published_state_dict()
+    sd = published_state_dict(BASED)
     del sd["model.transformer.layers.1.mixer.proj_q.weight"]
     sd["model.transformer.layers.3.mixer.extra.weight"] = torch.zeros(2)
-    sd["model.transformer.layers.5.mlp.fc2.weight"] = torch.zeros(D, 3 * D)
-    sd["model.transformer.layers.0.mixer.out_proj.weight"] = torch.zeros(D, D)
+    sd["model.transformer.layers.5.mlp.fc2.weight"] = torch.zeros(64, 192)
+    sd["model.transformer.layers.0.mixer.out_proj.weight"] = torch.zeros(64, 64)
     with pytest.raises(ConversionError) as e:
-        convert_based_repo(write_checkpoint(tmp_path / "bad", sd))
+        convert_based_repo(write_checkpoint(tmp_path / "bad", BASED, sd))
     msg = str(e.value)
     assert "transformer.layers.1.mixer.proj_q.weight" in msg and "transformer.layers.3.mixer.extra.weight" in msg
     assert "transformer.layers.0.mixer.out_proj.weight: checkpoint [64, 64]" in msg
@@ -219,7 +333,7 @@ def test_mismatch_names_missing_unexpected_and_misshapen_keys(tmp_path):
 
 
 def test_bin_files_are_loaded_without_unpickling_code(tmp_path):
-    src = write_checkpoint(tmp_path / "evil", {"model.x": torch.zeros(1), "model.f": print})
+    src = write_checkpoint(tmp_path / "evil", BASED, {"model.x": torch.zeros(1), "model.f": print})
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         convert_based_repo(src)
 
@@ -229,8 +343,8 @@ def test_round_trip_all_six_mixers_identical_logits_and_generation(tmp_path):
     config = resolve_model("conv,based:feature_dim=4,swa:5,attn,mamba:4,mlp", d_model=32, n_heads=4,
                            vocab_size=61, max_seqlen=64)
     model = build_model(config)
-    out = save_pretrained(model, tmp_path / "m")
-    loaded = from_pretrained(out)
+    out = save(model, tmp_path / "m")
+    loaded = load(out)
     assert loaded.config == model.config
     tokens = torch.randint(0, 61, (3, 21), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -251,30 +365,23 @@ def test_mamba_layout_imports_as_a_mamba_stack(tmp_path):
     sd["lm_head.weight"] = sd["backbone.embedding.weight"]
     cfg = {"d_model": 32, "n_layer": 3, "vocab_size": 50, "pad_vocab_size_multiple": 8, "rms_norm": True,
            "ssm_cfg": {"d_state": 16, "d_conv": 4, "expand": 2}}
-    model = convert_based_repo(write_checkpoint(tmp_path / "mamba", sd, cfg))
+    model = convert_based_repo(write_checkpoint(tmp_path / "mamba", cfg, sd))
     assert model.config.spec == "mamba,mamba,mamba"
     tokens = torch.randint(0, 50, (2, 13), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert torch.equal(model(tokens), ref(tokens))
     with pytest.raises(ConversionError, match="LayerNorm"):
-        convert_based_repo(write_checkpoint(tmp_path / "ln", sd, {**cfg, "rms_norm": False}))
+        convert_based_repo(write_checkpoint(tmp_path / "ln", {**cfg, "rms_norm": False}, sd))
 
 
-def test_attention_baseline_layout_imports_with_partial_rotary(tmp_path):
-    cfg = {"n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 50, "pad_vocab_size_multiple": 16,
-           "rotary_emb_dim": 4, "n_inner": 48}
-    sd = {"transformer.embeddings.word_embeddings.weight": torch.randn(64, 32), "transformer.ln_f.weight":
-          torch.ones(32)}
+def test_rotary_inv_freq_buffers_are_checked_against_the_layer(tmp_path):
+    """flash-attn's inv_freq for R = 35 (18 frequencies over 35) is accepted; other frequencies are refused."""
+    sd = published_state_dict(ATTN_1B)
     for i in range(2):
-        p = f"transformer.layers.{i}."
-        sd.update({p + "norm1.weight": torch.ones(32), p + "norm2.weight": torch.ones(32),
-                   p + "mixer.Wqkv.weight": torch.randn(96, 32), p + "mixer.out_proj.weight": torch.randn(32, 32),
-                   p + "mixer.rotary_emb.inv_freq": 1.0 / 10000 ** (torch.arange(0, 4, 2).float() / 4),
-                   p + "mlp.fc1.weight": torch.randn(96, 32), p + "mlp.fc2.weight": torch.randn(32, 48)})
-    model = convert_based_repo(write_checkpoint(tmp_path / "attn", sd, cfg))
-    assert model.config.spec == "attn:rotary_dim=4,mlp:48,attn:rotary_dim=4,mlp:48"
-    assert torch.equal(model.blocks[2].mixer.Wqkv.weight, sd["transformer.layers.1.mixer.Wqkv.weight"])
-    assert torch.equal(model.blocks[3].mixer.fc2.weight, sd["transformer.layers.1.mlp.fc2.weight"])
-    sd["transformer.layers.0.mixer.rotary_emb.inv_freq"] = torch.ones(2)
-    with pytest.raises(ConversionError, match="rotary frequencies"):
-        convert_based_repo(write_checkpoint(tmp_path / "attn2", sd, cfg))
+        sd[f"model.transformer.layers.{i}.mixer.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, 35, 2) / 35)
+    model = convert_based_repo(write_checkpoint(tmp_path / "a", ATTN_1B, sd))
+    assert model.blocks[0].mixer.rotary_dim == 35
+    assert torch.equal(model.blocks[2].mixer.Wqkv.weight, sd["model.transformer.layers.1.mixer.Wqkv.weight"])
+    sd["model.transformer.layers.0.mixer.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, 36, 2) / 36)
+    with pytest.raises(ConversionError, match="rotary dim 35"):
+        convert_based_repo(write_checkpoint(tmp_path / "b", ATTN_1B, sd))

@@ -7,10 +7,10 @@ from click.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
-from seqmix.checkpoint import from_pretrained  # noqa: E402
+from seqmix.io import load  # noqa: E402
 from seqmix.cli import main  # noqa: E402
-from seqmix.convert import ConversionError  # noqa: E402
-from seqmix.convert_hf import convert_llama, convert_mamba_hf  # noqa: E402
+from seqmix.io import ConversionError  # noqa: E402
+from seqmix.io.importers.hf import convert_llama, convert_mamba_hf  # noqa: E402
 
 # max |seqmix - transformers| / max |transformers logits|. Both run the same math in fp32 in a different order
 # (fused vs separate projections, SDPA vs eager attention, chunked vs sequential scan): ~1e-6. A wrong fc1
@@ -100,7 +100,7 @@ def test_convert_cli_detects_llama_and_mamba_and_round_trips(tmp_path):
         r = runner.invoke(main, ["convert", str(tmp_path / name), str(tmp_path / f"{name}-seqmix")])
         assert r.exit_code == 0, r.output
         assert name.replace("llama", "attn") in r.output
-    assert_logits_match(from_pretrained(tmp_path / "mamba-seqmix"), ref)
+    assert_logits_match(load(tmp_path / "mamba-seqmix"), ref)
 
 
 def test_in_memory_model_converts_like_its_directory(tmp_path):

@@ -228,14 +228,14 @@ def cli(*args):
 
 
 def test_cli_streams_the_same_text_as_the_api_from_a_saved_model(tmp_path):
-    from seqmix.checkpoint import save_pretrained
+    from seqmix.io import save
     from seqmix.tokenizer import get_tokenizer, save_tokenizer_config
 
     tok = get_tokenizer("bytes")
     torch.manual_seed(0)
     model = build_model(ModelConfig(spec="based:feature_dim=4,swa:4,mlp", d_model=32, n_heads=4,
                                     vocab_size=tok.vocab_size, init_std=0.3, tie_embeddings=False))
-    d = save_pretrained(model, tmp_path / "m")
+    d = save(model, tmp_path / "m")
     save_tokenizer_config(d, "bytes")  # the directory records its tokenizer; the CLI must pick it up
     r = cli(str(d), "--prompt", "héllo", "--max-new-tokens", "12", "--temperature", "0")
     assert r.exit_code == 0, r.output

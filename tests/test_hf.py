@@ -9,7 +9,8 @@ transformers = pytest.importorskip("transformers")
 import seqmix.hf  # noqa: E402,F401  (registers model_type "seqmix")
 from seqmix.config import resolve_model  # noqa: E402
 from seqmix.hf import SeqmixCache, SeqmixConfig, SeqmixForCausalLM  # noqa: E402
-from seqmix.model import HybridLM, build_model  # noqa: E402
+from seqmix.io import load, save  # noqa: E402
+from seqmix.model import build_model  # noqa: E402
 from seqmix.testing import assert_close  # noqa: E402
 
 SPEC = "based,swa:5,attn,mamba,conv,mlp"  # all six mixers
@@ -18,14 +19,14 @@ VOCAB, B, T, NEW = 101, 3, 63, 9
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """(the HybridLM, its save_pretrained directory); weights scaled up so that every block matters."""
+    """(the HybridLM, its saved directory); weights scaled up so that every block matters."""
     torch.manual_seed(0)
     model = build_model(resolve_model(SPEC, d_model=64, n_heads=4, vocab_size=VOCAB, max_seqlen=128)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.3)
-    return model, model.save_pretrained(tmp_path_factory.mktemp("hf") / "m")
+    return model, save(model, tmp_path_factory.mktemp("hf") / "m")
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_cache_longer_than_the_kv_capacity_is_refused(auto):
 def test_wrapper_save_pretrained_writes_seqmix_format(saved, auto, tmp_path):
     auto.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "seqmix"
-    back = HybridLM.from_pretrained(tmp_path / "again")
+    back = load(tmp_path / "again")
     ids = tokens()
     with torch.no_grad():
         assert torch.equal(back(ids), saved[0](ids))
@@ -165,7 +166,7 @@ def test_cuda_generate_matches_seqmix(saved, dtype):
     equals seqmix's CUDA-graph generate, and (fp32) beam search and a left-padded batch equal recomputation."""
     path = saved[1]
     auto = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cuda").eval()
-    native = HybridLM.from_pretrained(path, device="cuda", dtype=dtype).eval()
+    native = load(path, device="cuda", dtype=dtype).eval()
     assert auto.model.embed.weight.dtype == dtype and auto.device.type == "cuda"
     ids = tokens().cuda()
     out = auto.generate(ids, max_new_tokens=NEW, do_sample=False)

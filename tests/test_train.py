@@ -75,7 +75,7 @@ def straight(tmp_path_factory, cache) -> Path:
 
 
 def test_tiny_recipe_trains_and_exports_a_loadable_model(straight, cache):
-    from seqmix.checkpoint import from_pretrained
+    from seqmix.io import load
     from seqmix.tokenizer import recorded_tokenizer
     from seqmix.train.data import PackedTokens, get_batch, prepare_data
     from seqmix.train.schema import load_recipe
@@ -90,7 +90,7 @@ def test_tiny_recipe_trains_and_exports_a_loadable_model(straight, cache):
     assert (straight / "recipe.yaml").is_file() and json.loads((straight / "ds_config.json").read_text())[
         "gradient_accumulation_steps"] == 2
     # The exported weights are the trained ones: their loss on the eval samples is the logged eval loss.
-    model = from_pretrained(model_dir)
+    model = load(model_dir)
     recipe = load_recipe(ROOT / "recipes" / "tiny.yaml", FAST + [f"data.cache_dir={cache}"])
     val = PackedTokens(prepare_data(recipe.data), "val", 64)
     with torch.no_grad():

@@ -18,8 +18,8 @@ from benchlib import HEAD_DIM, TOKENS, TS, H, Budget, copy_bandwidth, fmt, heade
 from seqmix_kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from seqmix_kernels.rmsnorm import rms_norm_residual_ref
 from seqmix_kernels.rotary import rotary_ref
-from seqmix_kernels.triton_ops.rmsnorm import rms_norm_residual
-from seqmix_kernels.triton_ops.rotary import rotary
+from seqmix_kernels.rmsnorm.triton import rms_norm_residual
+from seqmix_kernels.rotary.triton import rotary
 
 D = H * HEAD_DIM
 VOCAB, VOCAB_PAD = 50257, 50264

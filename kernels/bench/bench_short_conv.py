@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from benchlib import HEAD_DIM, TOKENS, TS, H, Budget, copy_bandwidth, fmt, header, ratio, table, try_ms, write
 from seqmix_kernels.short_conv import short_conv_step_ref
-from seqmix_kernels.triton_ops.short_conv import short_conv, short_conv_step
+from seqmix_kernels.short_conv.triton import short_conv, short_conv_step
 
 C = 2 * H * HEAD_DIM
 

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", dest="json_out", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
 
-    from seqmix.train.loop import init_distributed, shutdown
+    from seqmix.train.dist import init_distributed, shutdown
 
     init_distributed()
     try:

@@ -1,7 +1,9 @@
 """seqmix-kernels: ops shared by two or more mixers, each a reference twin beside its (optional) Triton kernel.
 
-The Triton paths live in `seqmix_kernels.triton_ops` (importing them imports triton); pick one with the
-`*_fn(impl)` helpers and `seqmix_kernels.backend.resolve_impl`. Importing this package never imports triton.
+One folder per op (short_conv, rotary, rmsnorm, cross_entropy): `naive.py` holds the reference, `triton.py` the
+Triton twin with the same signature (importing it imports triton; cross_entropy's twin is `chunked.py`, plain
+PyTorch), and the folder's `__init__` picks one with its `*_fn(impl)` helper (impl from
+`seqmix_kernels.backend.resolve_impl`). Importing this package never imports triton.
 """
 from seqmix_kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from seqmix_kernels.rmsnorm import rms_norm_ref, rms_norm_residual_fn, rms_norm_residual_ref

@@ -2,7 +2,7 @@
 
 Used by the kernel tests of seqmix-kernels and of the plugins (pytest is not needed to import this module):
 
-    kernel_mod, = import_kernel_modules("seqmix_kernels.triton_ops.short_conv")   # at test-module import
+    kernel_mod, = import_kernel_modules("seqmix_kernels.short_conv.triton")   # at test-module import
     _kernel_env = kernel_test_fixture(kernel_mod)   # each test: the interpreter on CPU, NaN in every torch.empty
     DTYPES = kernel_dtypes()                        # fp32, fp16, and bf16 on a GPU only
 

@@ -14,8 +14,8 @@ from seqmix_kernels.testing import (DEVICE, HAS_CUDA, HAS_TRITON, import_kernel_
                                     kernel_test_fixture)
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
-norm_mod, rot_mod = import_kernel_modules("seqmix_kernels.triton_ops.rmsnorm",
-                                          "seqmix_kernels.triton_ops.rotary") or (None, None)
+norm_mod, rot_mod = import_kernel_modules("seqmix_kernels.rmsnorm.triton",
+                                          "seqmix_kernels.rotary.triton") or (None, None)
 DTYPES = kernel_dtypes()
 _kernel_env = kernel_test_fixture(norm_mod, rot_mod)
 
@@ -90,9 +90,36 @@ def run_rotary(B, T, H, D, rotary_dim, pos_offset, dtype, seed=0):
     check_grads(("x",), [ker_qkv], [ref_qkv], dtype, f"rotary D={D} R={rotary_dim}")
 
 
+def flash_attn_rotary(x_BTHD, R, base=10000.0):
+    """flash-attn's RotaryEmbedding(dim=R), non-interleaved, written from its definition in fp64:
+    inv_freq = 1 / base^(arange(0, R, 2) / R), cos/sin of t * inv_freq, rotate-half over 2 * len(inv_freq)."""
+    inv = 1.0 / base ** (torch.arange(0, R, 2, dtype=torch.float64) / R)
+    ang = torch.arange(x_BTHD.shape[1], dtype=torch.float64)[:, None] * inv  # [T, n]
+    n = inv.numel()
+    x = x_BTHD.double()
+    x1, x2 = x[..., :n], x[..., n : 2 * n]
+    c, s = ang.cos()[:, None], ang.sin()[:, None]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, x[..., 2 * n :]], -1)
+
+
+@pytest.mark.parametrize("D,R", [(70, 35), (70, 36), (16, 8), (14, 7), (12, 1), (10, 9)])
+def test_rotary_dim_means_what_it_means_in_flash_attn(D, R):
+    """An odd R rotates 2 * ceil(R/2) channels with frequencies over R (attn-1b: R = 35 rotates 36)."""
+    x = torch.randn(2, 33, 3, D, generator=torch.Generator().manual_seed(D + R))
+    want = flash_attn_rotary(x, R)
+    assert (rotary_ref(x, 0, R).double() - want).abs().max() < 1e-5
+    if R % 2 and R > 1:  # the old convention (denominator 2 * ceil(R/2)) differs measurably
+        assert (rotary_ref(x, 0, R + 1).double() - want).abs().max() > 1e-3
+
+
+def test_rotary_dim_wider_than_the_head_is_refused():
+    with pytest.raises(ValueError, match="rotates 10 channels, more than the head dim 9"):
+        rotary_ref(torch.randn(1, 2, 1, 9), 0, 10)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("D,R,offset", [(64, -1, 0), (70, 36, 5), (12, 6, "per-sequence")])
+@pytest.mark.parametrize("D,R,offset", [(64, -1, 0), (70, 35, 5), (70, 36, 5), (12, 6, "per-sequence")])
 def test_rotary_matches_reference(D, R, offset, dtype):
     pos = torch.tensor([3, 100, 7], device=DEVICE) if offset == "per-sequence" else offset
     run_rotary(3, 21, 3, D, R, pos, dtype)
@@ -100,7 +127,7 @@ def test_rotary_matches_reference(D, R, offset, dtype):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("D,R", [(64, -1), (112, -1), (70, 36)])
+@pytest.mark.parametrize("D,R", [(64, -1), (112, -1), (70, 35), (70, 36)])
 @gpu
 def test_gpu_rotary(D, R, dtype):
     run_rotary(2, 4097, 16, D, R, 1000, dtype, seed=D)

@@ -18,7 +18,7 @@ from seqmix_kernels.testing import (DEVICE, HAS_CUDA, HAS_TRITON, import_kernel_
                                     kernel_test_fixture)
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
-(sc,) = import_kernel_modules("seqmix_kernels.triton_ops.short_conv") or (None,)
+(sc,) = import_kernel_modules("seqmix_kernels.short_conv.triton") or (None,)
 DTYPES = kernel_dtypes()
 _kernel_env = kernel_test_fixture(sc)
 

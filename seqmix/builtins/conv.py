@@ -1,6 +1,6 @@
 """`conv`: BaseConv, the gated short convolution of Based (in_proj -> causal depthwise conv, SiLU, * gate)."""
 import logging
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -76,3 +76,13 @@ class BaseConv(Mixer):
     def flops_per_token(self, seqlen: int) -> int:
         D, C = self.ctx.d_model, self.inner
         return 2 * (D * 2 * C + C * self.kernel_size + C * D)
+
+    @classmethod
+    def import_weights(cls, source: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The Based repo's BaseConv keeps the depthwise conv as nn.Conv1d `conv.conv.weight` [C, 1, K]: here
+        `conv_weight` [C, K]; in_proj and out_proj (weights and biases) have the same names."""
+        if source != "based-repo":
+            return super().import_weights(source, tensors)
+        w = tensors["conv.conv.weight"]
+        out = {name: tensors[name] for name in ("in_proj.weight", "in_proj.bias", "out_proj.weight", "out_proj.bias")}
+        return out | {"conv_weight": w.squeeze(1) if w.dim() == 3 else w}

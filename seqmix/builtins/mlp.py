@@ -1,4 +1,6 @@
 """`mlp`: the SwiGLU channel mixer of the Based models (fc1 -> [y | gate], fc2(silu(gate) * y))."""
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,3 +34,12 @@ class SwiGLU(Mixer):
 
     def flops_per_token(self, seqlen: int) -> int:
         return 2 * 3 * self.ctx.d_model * self.hidden
+
+    @classmethod
+    def import_weights(cls, source: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """transformers' LlamaMLP is down(silu(gate(x)) * up(x)): fc1 = [up_proj | gate_proj] (rows; the gate is
+        fc1's second half), fc2 = down_proj. The Based repo's GatedMlp has this mixer's names (fc1, fc2)."""
+        if source != "llama":
+            return super().import_weights(source, tensors)
+        return {"fc1.weight": torch.cat([tensors["up_proj.weight"], tensors["gate_proj.weight"]]),
+                "fc2.weight": tensors["down_proj.weight"]}

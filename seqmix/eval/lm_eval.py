@@ -30,11 +30,11 @@ Progress = Callable[[int, int], None]  # (requests done, requests in all) of the
 
 def load_model(pretrained: str, *, device: str, dtype: torch.dtype):
     """The one place evaluation loads a checkpoint: a seqmix directory, an importable checkpoint (Based repo,
-    transformers Llama / Mamba) or a hub name, through seqmix's loader. Returns (model, local directory)."""
-    from seqmix.checkpoint import from_pretrained, resolve_model_dir
+    transformers Llama / Mamba, a plugin's format) or a hub name, through seqmix.io. Returns (model, directory)."""
+    from seqmix.io import load, resolve_model_dir
 
     directory = resolve_model_dir(pretrained)
-    return from_pretrained(directory, device=device, dtype=dtype), directory
+    return load(directory, device=device, dtype=dtype), directory
 
 
 def tokenizer_name_for(directory: Path) -> str:

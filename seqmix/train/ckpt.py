@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from seqmix.train.dist import barrier
 
 LATEST = "latest"
 _TAG = re.compile(r"^step(\d{8})$")
@@ -25,11 +26,6 @@ _TAG = re.compile(r"^step(\d{8})$")
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -81,10 +77,10 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep:
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), ckpt_dir / tmp_tag / f"rng_rank{rank:05d}.pt")
-    _barrier()
+    barrier()
     final = ckpt_dir / tag
     if rank == 0:
         if final.exists():  # the same step saved again (after a resume): replace it
@@ -92,7 +88,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep:
         os.replace(ckpt_dir / tmp_tag, final)
         _write_atomic(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep, tag)
-    _barrier()
+    barrier()
     return final
 
 
@@ -110,7 +106,7 @@ def load_checkpoint(engine, ckpt_dir: Path, rank: int) -> Optional[dict]:
     if rank == 0 and ckpt_dir.is_dir():
         for stale in ckpt_dir.glob(".tmp-*"):  # a save that never finished
             shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
+    barrier()
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
@@ -129,7 +125,8 @@ def export_model(model, tokenizer_name: str, directory: Path, rank: int) -> Opti
     stage) as a seqmix model directory: config.json + model.safetensors + tokenizer_config.json."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from seqmix.checkpoint import publish_dir, save_pretrained
+    from seqmix.io import save
+    from seqmix.io.files import publish_dir
     from seqmix.model import build_model
     from seqmix.tokenizer import save_tokenizer_config
 
@@ -151,9 +148,9 @@ def export_model(model, tokenizer_name: str, directory: Path, rank: int) -> Opti
         fresh.load_state_dict(state)
         tmp = directory.with_name(f".{directory.name}.export-tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(fresh, tmp)
+        save(fresh, tmp)
         save_tokenizer_config(tmp, tokenizer_name)
         publish_dir(tmp, directory)
         out = directory
-    _barrier()
+    barrier()
     return out

@@ -3,19 +3,17 @@
     from seqmix.train import load_recipe, train
     result = train(load_recipe("recipes/tiny.yaml", ["train.steps=50"]))
 
-Run under any launcher (`deepspeed`, `torchrun`) or none: a plain `python` start is a world of one, and the
-process-group variables are filled in here. Each optimizer step: `accum` micro-batches of forward + backward,
-the mean loss all-reduced and checked (NaN/inf stops the run before the optimizer step, naming the step; the
-last good checkpoint stays), then the optimizer step. Logs go to the console (rank 0), <run_dir>/metrics.jsonl
+Run under any launcher (`deepspeed`, `torchrun`) or none: a plain `python` start is a world of one (the
+process-group variables are filled in by seqmix.train.dist). `train` is the loop; `setup_run` builds what
+it needs (engine, data, resumed state); `train_step` is one optimizer step: `accum` micro-batches of forward +
+backward, the mean loss all-reduced and checked (NaN/inf stops the run before the optimizer step, naming the
+step; the last good checkpoint stays), then the optimizer step. Logs go to the console (rank 0), <run_dir>/metrics.jsonl
 (one JSON object per step and per evaluation) and TensorBoard when installed.
 """
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
-import socket
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,12 +22,12 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from seqmix.config import ModelConfig, resolve_model
 from seqmix.train import ckpt
 from seqmix.train.data import PackedTokens, StepSampler, SyntheticTokens, get_batch, prepare_data
+from seqmix.train.dist import all_reduce_sum, barrier, init_distributed
 from seqmix.train.ds_config import build_ds_config
 from seqmix.train.schema import OptimSection, Recipe, RecipeError, recipe_to_dict, recipe_to_yaml
 
@@ -52,45 +50,6 @@ class RunResult:
     eval_losses: dict[int, float] = field(default_factory=dict)
     export_dir: Optional[Path] = None
     seconds: float = 0.0
-
-
-# -- process group ----------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """Start the process group (once) and return (rank, world_size, local_rank).
-
-    Without a launcher the rendezvous variables are missing and DeepSpeed would go looking for MPI, so a world
-    of one is declared here (RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR=127.0.0.1, a free MASTER_PORT).
-    """
-    if "WORLD_SIZE" not in os.environ:
-        for key, val in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, val)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    acc = get_accelerator()
-    if acc.device_name() != "cpu":
-        acc.set_device(local_rank)  # before the process group, so NCCL binds each rank to its own GPU
-    elif "OMP_NUM_THREADS" not in os.environ:  # split the cores between the processes of this node
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
-    return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # -- model and optimizer ----------------------------------------------------------------------------------
@@ -212,33 +171,48 @@ def _datasets(recipe: Recipe, vocab_size: int, local_rank: int, say):
                 SyntheticTokens(d.seq_len, vocab_size, recipe.train.seed + 1))
     if local_rank == 0:
         prepare_data(d, log=say)
-    ckpt._barrier()
+    barrier()
     shard_dir = prepare_data(d)  # found in the cache now
     return PackedTokens(shard_dir, "train", d.seq_len), PackedTokens(shard_dir, "val", d.seq_len)
 
 
-def train(recipe: Recipe, *, stop_after: Optional[int] = None, console=None) -> RunResult:
-    """Train (or resume) `recipe`. `stop_after`: end this run after that step, with a checkpoint, as if
-    interrupted there (the schedule still spans train.steps). Call `shutdown()` when done with the process."""
+@dataclass
+class Run:
+    """Everything one training run holds between steps (built by setup_run)."""
+    recipe: Recipe
+    rank: int
+    world: int
+    say: object  # print on rank 0, nothing elsewhere
+    device: torch.device
+    built: Built
+    accum: int  # micro-batches per optimizer step
+    train_ds: object
+    val_ds: object
+    ckpt_dir: Path
+    start: int  # steps done before this run (0, or the resumed checkpoint's)
+    sampler: StepSampler
+    metrics: Optional["_MetricsLog"]  # rank 0 only
+    peak: Optional[float]  # FLOP/s of one device, for MFU
+    manual_norm: bool  # DeepSpeed reports no grad norm (ZeRO 0 in fp32): compute it here
+
+
+def setup_run(recipe: Recipe, console) -> Run:
+    """Start the process group, build the engine and the data, resume from the last checkpoint if any, and
+    (rank 0) write the run's recipe.yaml and ds_config.json and print the run's summary line."""
     from deepspeed.accelerator import get_accelerator
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from seqmix.spec import format_spec
     from seqmix.tokenizer import tokenizer_vocab_size
 
-    t_start = time.perf_counter()
     rank, world, local_rank = init_distributed()
     is0 = rank == 0
-    console = console or Console(soft_wrap=True)
     say = partial(console.print, markup=False, highlight=False) if is0 else (lambda *a, **k: None)
     device = torch.device(get_accelerator().device_name(local_rank))
     t, d = recipe.train, recipe.data
-    run_dir, total = Path(t.run_dir), t.steps
+    run_dir = Path(t.run_dir)
     vocab = tokenizer_vocab_size(d.tokenizer)
     built = build_engine(recipe, vocab, world, device.type)  # raises on a global batch that won't divide
-    engine, lm, ds_config, module, fwd_flops = built.engine, built.lm, built.ds_config, built.engine.module, \
-        built.flops_per_token
+    lm, ds_config = built.lm, built.ds_config
     accum = ds_config["gradient_accumulation_steps"]
     torch.manual_seed(t.seed + 1 + rank)  # anything stochastic after init differs per rank, reproducibly
     if lm.config.vocab_size < vocab and d.source != "synthetic":
@@ -247,7 +221,7 @@ def train(recipe: Recipe, *, stop_after: Optional[int] = None, console=None) -> 
     train_ds, val_ds = _datasets(recipe, lm.config.vocab_size, local_rank, say)
 
     ckpt_dir = run_dir / "checkpoints"
-    client = ckpt.load_checkpoint(engine, ckpt_dir, rank)
+    client = ckpt.load_checkpoint(built.engine, ckpt_dir, rank)
     start = 0
     if client is not None:
         _check_resumable(client["recipe"], recipe, run_dir)
@@ -261,48 +235,76 @@ def train(recipe: Recipe, *, stop_after: Optional[int] = None, console=None) -> 
             f" | {built.num_params:,} parameters | world {world} x micro {t.micro_batch} x accum {accum} = "
             f"{t.global_batch} seq x {d.seq_len} tokens | ZeRO {recipe.zero.stage} | {t.dtype} on {device.type}")
 
-    metrics = _MetricsLog(run_dir, start, recipe.log.tensorboard) if is0 else None
-    sampler = StepSampler(len(train_ds), global_batch=t.global_batch, micro_batch=t.micro_batch,
-                          world_size=world, rank=rank, seed=t.seed)
-    peak = peak_flops(device, t.dtype, recipe.log.peak_tflops)
-    manual_norm = recipe.zero.stage == 0 and t.dtype == "fp32"  # DeepSpeed reports no norm there
-    result = RunResult(run_dir=run_dir, start_step=start, step=start)
+    return Run(
+        recipe=recipe, rank=rank, world=world, say=say, device=device, built=built, accum=accum,
+        train_ds=train_ds, val_ds=val_ds, ckpt_dir=ckpt_dir, start=start,
+        sampler=StepSampler(len(train_ds), global_batch=t.global_batch, micro_batch=t.micro_batch,
+                            world_size=world, rank=rank, seed=t.seed),
+        metrics=_MetricsLog(run_dir, start, recipe.log.tensorboard) if is0 else None,
+        peak=peak_flops(device, t.dtype, recipe.log.peak_tflops),
+        manual_norm=recipe.zero.stage == 0 and t.dtype == "fp32",
+    )
+
+
+def train_step(run: Run, step: int) -> dict:
+    """Optimizer step `step` (0-based): `accum` micro-batches of forward + backward, the mean loss all-reduced
+    and checked (NaN/inf raises TrainingDiverged before the optimizer step), then the optimizer step. Returns
+    the step's metrics record."""
+    t, seq_len = run.recipe.train, run.recipe.data.seq_len
+    engine = run.built.engine
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(run.accum):
+        x, y = get_batch(run.train_ds, run.sampler.indices(step, micro), run.device)
+        loss = engine(x, y)
+        engine.backward(loss)
+        loss_sum += loss.detach().float()
+        if micro < run.accum - 1:
+            engine.step()  # DeepSpeed only counts the micro-batch here; the optimizer waits
+    all_reduce_sum(loss_sum)
+    loss_val = loss_sum.item() / (run.accum * run.world)
+    if not math.isfinite(loss_val):
+        last = ckpt.latest_tag(run.ckpt_dir)
+        raise TrainingDiverged(
+            f"the training loss is {loss_val} at step {step + 1}; stopped before the optimizer step. "
+            + (f"The last good checkpoint is {run.ckpt_dir / last} (step {int(last[4:])}); " if last else
+               "No checkpoint was written yet; ")
+            + "lower optim.lr or raise optim.warmup_steps, then rerun")
+    lr = engine.get_lr()[0]
+    norm = _grad_norm(engine.module) if run.manual_norm else None
+    engine.step()
+    norm = norm if run.manual_norm else engine.get_global_grad_norm()
+    done = step + 1
+    dt = time.perf_counter() - t0
+    tok_s = t.global_batch * seq_len / dt
+    fwd_flops = run.built.flops_per_token
+    return {"step": done, "loss": loss_val, "lr": lr, "grad_norm": None if norm is None else float(norm),
+            "tokens": done * t.global_batch * seq_len, "tokens_per_s": tok_s, "step_s": dt,
+            "mfu": tok_s * 3 * fwd_flops / (run.peak * run.world) if run.peak else None}
+
+
+def train(recipe: Recipe, *, stop_after: Optional[int] = None, console=None) -> RunResult:
+    """Train (or resume) `recipe`. `stop_after`: end this run after that step, with a checkpoint, as if
+    interrupted there (the schedule still spans train.steps). Call `shutdown()` when done with the process."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    t_start = time.perf_counter()
+    console = console or Console(soft_wrap=True)
+    run = setup_run(recipe, console)
+    t, say, metrics = recipe.train, run.say, run.metrics
+    total, run_dir = t.steps, Path(t.run_dir)
+    result = RunResult(run_dir=run_dir, start_step=run.start, step=run.start)
     end = min(total, stop_after) if stop_after is not None else total
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not (is0 and recipe.log.progress)) as bar:
-        task = bar.add_task("train", total=total, completed=start, stats="")
-        engine.train()
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                x, y = get_batch(train_ds, sampler.indices(step, micro), device)
-                loss = engine(x, y)
-                engine.backward(loss)
-                loss_sum += loss.detach().float()
-                if micro < accum - 1:
-                    engine.step()  # DeepSpeed only counts the micro-batch here; the optimizer waits
-            dist.all_reduce(loss_sum)
-            loss_val = loss_sum.item() / (accum * world)
-            if not math.isfinite(loss_val):
-                last = ckpt.latest_tag(ckpt_dir)
-                raise TrainingDiverged(
-                    f"the training loss is {loss_val} at step {step + 1}; stopped before the optimizer step. "
-                    + (f"The last good checkpoint is {ckpt_dir / last} (step {int(last[4:])}); " if last else
-                       "No checkpoint was written yet; ")
-                    + "lower optim.lr or raise optim.warmup_steps, then rerun")
-            lr = engine.get_lr()[0]
-            norm = _grad_norm(module) if manual_norm else None
-            engine.step()
-            norm = norm if manual_norm else engine.get_global_grad_norm()
-            done = step + 1
-            dt = time.perf_counter() - t0
-            tok_s = t.global_batch * d.seq_len / dt
-            rec = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": None if norm is None else float(norm),
-                   "tokens": done * t.global_batch * d.seq_len, "tokens_per_s": tok_s, "step_s": dt,
-                   "mfu": tok_s * 3 * fwd_flops / (peak * world) if peak else None}
-            result.losses.append(loss_val)
+    with Progress(*columns, console=console, disable=not (run.rank == 0 and recipe.log.progress)) as bar:
+        task = bar.add_task("train", total=total, completed=run.start, stats="")
+        run.built.engine.train()
+        for step in range(run.start, end):
+            rec = train_step(run, step)
+            done = rec["step"]
+            result.losses.append(rec["loss"])
             result.step = done
             if metrics:
                 metrics.write(rec)
@@ -311,7 +313,7 @@ def train(recipe: Recipe, *, stop_after: Optional[int] = None, console=None) -> 
                 if done % recipe.log.every == 0 or done == end:
                     say(f"step {done:>6}/{total}  {stats}")
             if t.eval_every and (done % t.eval_every == 0 or done == total):
-                ev = evaluate(engine, val_ds, recipe, world, rank, device)
+                ev = evaluate(run.built.engine, run.val_ds, recipe, run.world, run.rank, run.device)
                 if ev is not None:
                     result.eval_losses[done] = ev
                     if metrics:
@@ -319,13 +321,14 @@ def train(recipe: Recipe, *, stop_after: Optional[int] = None, console=None) -> 
                         say(f"step {done:>6}/{total}  eval loss {ev:.4f}")
             if done % t.save_every == 0 or done == end:
                 state = {"step": done, "recipe": recipe_to_dict(recipe)}
-                path = ckpt.save_checkpoint(engine, ckpt_dir, done, state, t.keep_checkpoints, rank)
+                path = ckpt.save_checkpoint(run.built.engine, run.ckpt_dir, done, state, t.keep_checkpoints,
+                                            run.rank)
                 say(f"step {done:>6}/{total}  saved {path}")
     if metrics:
         metrics.close()
     if result.step == total:
         export_dir = Path(t.export_dir or run_dir / "model")
-        ckpt.export_model(lm, d.tokenizer, export_dir, rank)
+        ckpt.export_model(run.built.lm, recipe.data.tokenizer, export_dir, run.rank)
         result.export_dir = export_dir
         say(f"exported the model to {export_dir} (seqmix generate {export_dir} --prompt ...)")
     result.seconds = time.perf_counter() - t_start
@@ -348,7 +351,7 @@ def evaluate(engine, dataset, recipe: Recipe, world: int, rank: int, device) -> 
                          device)
         total += engine(x, y).float()
     engine.train()
-    dist.all_reduce(total)
+    all_reduce_sum(total)
     return total.item() / (n * world)
 
 

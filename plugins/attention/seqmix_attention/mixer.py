@@ -1,14 +1,14 @@
 """`attn`: causal softmax attention with RoPE and grouped KV heads, decoded from a preallocated KV cache."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from seqmix.mixer import Arg, ArgError, BlockContext, Mixer, State, resolve_heads
-from seqmix_kernels.rotary import rotary_ref
+from seqmix_kernels.rotary import check_rotary_dim, rotary_ref
 
 
 IMPLS = ("reference",)  # impl="auto" takes the first one that can run, in this order
@@ -25,7 +25,8 @@ class CausalAttention(Mixer):
     consecutive query heads (GQA; query head h reads kv head h // (heads/kv_heads)).
 
     Parameters: `Wqkv` (d -> (heads + 2 kv_heads) * Dh, layout [Q | K | V]) and `out_proj` (d -> d), no
-    biases, Dh = d / heads; RoPE (rotate-half, base `rope_base`) on the first `rotary_dim` channels of q, k.
+    biases, Dh = d / heads; RoPE (rotate-half, base `rope_base`) on the first 2*ceil(R/2) channels of q, k
+    (R = `rotary_dim`, flash-attn's convention).
     Decode state, preallocated for `max_seqlen` tokens:
         {"k": [B, max_seqlen, Hkv, Dh], "v": [B, max_seqlen, Hkv, Dh], "pos": int64 [B]}
     where token p of sequence b (keys stored after rotary) sits at row p; pos = tokens cached so far.
@@ -37,7 +38,8 @@ class CausalAttention(Mixer):
         Arg("heads", int, None, min=1, help="query heads; default the model's n_heads"),
         Arg("kv_heads", int, None, min=1, help="key/value heads (must divide heads); default heads"),
         Arg("rotary_dim", int, None, min=0, positional=False,
-            help="channels per head that get RoPE (even); default the full head dim"),
+            help="RoPE dim R per head, as flash-attn's RotaryEmbedding(dim=R): rotates 2*ceil(R/2) channels "
+                 "(R = 35 rotates 36); default the full head dim"),
         Arg("rope_base", float, 10000.0, min=1.0, positional=False, help="RoPE frequency base"),
         Arg("impl", str, "auto", choices=("auto",) + IMPLS, positional=False,
             help="attention path; auto = the best one that can run, chosen once at construction"),
@@ -55,9 +57,10 @@ class CausalAttention(Mixer):
         if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
             raise ArgError(f"kv_heads={self.n_kv_heads} must divide heads={self.n_heads}")
         self.head_dim = D // self.n_heads
-        self.rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
-        if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
-            raise ArgError(f"rotary_dim must be even and in [0, head dim {self.head_dim}], got {self.rotary_dim}")
+        try:
+            self.rotary_dim = check_rotary_dim(-1 if rotary_dim is None else rotary_dim, self.head_dim)
+        except ValueError as e:
+            raise ArgError(str(e)) from None
         self.rope_base = float(rope_base)
         self.impl = self.resolve_impl(impl, IMPLS)
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
@@ -164,3 +167,13 @@ class CausalAttention(Mixer):
         D, Dh = self.ctx.d_model, self.head_dim
         proj = D * (self.n_heads + 2 * self.n_kv_heads) * Dh + D * D
         return 2 * proj + 2 * 2 * seqlen * D
+
+    @classmethod
+    def import_weights(cls, source: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """transformers' LlamaAttention has separate projections: Wqkv = [q_proj | k_proj | v_proj] (rows; the
+        K/V blocks have num_key_value_heads heads), out_proj = o_proj. The Based repo's MHA has this mixer's
+        names (Wqkv, out_proj)."""
+        if source != "llama":
+            return super().import_weights(source, tensors)
+        return {"Wqkv.weight": torch.cat([tensors[f"{n}_proj.weight"] for n in "qkv"]),
+                "out_proj.weight": tensors["o_proj.weight"]}

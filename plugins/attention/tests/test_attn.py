@@ -1,4 +1,4 @@
-"""Tests of the `attn` mixer: einsum twin with GQA, head dim 70 / rotary 36, KV cache, chunked prefill, conformance."""
+"""Tests of the `attn` mixer: einsum twin with GQA, head dim 70 / rotary 35 (36 channels), KV cache, chunked prefill, conformance."""
 import math
 
 import pytest
@@ -11,13 +11,14 @@ from seqmix_kernels.rotary import rotary_ref
 
 DTYPES = [torch.float32, torch.bfloat16]  # tolerances for both come from seqmix.testing.TOLERANCES
 B, T = 3, 63  # odd sizes
-# (d_model, n_heads, kwargs): MHA, GQA 8/2, MQA with partial RoPE and another base, head dim 70 with rotary 36
+# (d_model, n_heads, kwargs): MHA, GQA 8/2, MQA with partial RoPE and another base, head dim 70 with rotary 35
+# (attn-1b: flash-attn's R = 35 rotates 36 channels with frequencies over 35)
 # (attn-1b).
 CONFIGS = [
     (48, 4, {}),
     (64, 8, {"kv_heads": 2}),
     (48, 4, {"kv_heads": 1, "rotary_dim": 6, "rope_base": 500.0}),
-    (140, 2, {"rotary_dim": 36}),
+    (140, 2, {"rotary_dim": 35}),
 ]
 IDS = ["mha", "gqa8/2", "mqa-rot6-base500", "dh70-rot36"]
 
@@ -68,10 +69,11 @@ def test_forward_matches_einsum_twin(dtype, d, h, kw):
 
 def test_rotary_dim_and_base_matter():
     """The twin is sensitive to the RoPE settings, so the comparisons above can fail."""
-    m, x = make(140, 2, rotary_dim=36), inputs(torch.float32, 140)
+    m, x = make(140, 2, rotary_dim=35), inputs(torch.float32, 140)
     with torch.no_grad():
+        m.Wqkv.weight.mul_(5)  # sharper attention, so a small change of the angles shows
         y = m(x)
-        for kw in ({"rotary_dim": 34}, {"rotary_dim": 36, "rope_base": 500.0}):
+        for kw in ({"rotary_dim": 34}, {"rotary_dim": 36}, {"rotary_dim": 35, "rope_base": 500.0}):
             other = make(140, 2, **kw)
             other.load_state_dict(m.state_dict())
             assert (other(x) - y).abs().max() > 1e-3 * y.abs().max()
@@ -154,7 +156,7 @@ def test_attn_360m_layer_has_four_d_squared_params():
 
 @pytest.mark.parametrize("kw,match", [
     ({"heads": 5}, "heads"), ({"kv_heads": 3}, "kv_heads=3 must divide heads=4"),
-    ({"rotary_dim": 7}, "rotary_dim"), ({"rotary_dim": 14}, "rotary_dim"), ({"impl": "flash"}, "impl"),
+    ({"rotary_dim": 13}, "rotates 14 channels"), ({"rotary_dim": 14}, "rotary_dim"), ({"impl": "flash"}, "impl"),
 ])
 def test_bad_args_are_rejected(kw, match):
     with pytest.raises(ArgError, match=match):

@@ -9,7 +9,7 @@ from torch import nn
 
 from seqmix.mixer import Arg, ArgError, BlockContext, Mixer, State, resolve_heads
 from seqmix_kernels.backend import triton_unavailable
-from seqmix_kernels.rotary import rotary_ref
+from seqmix_kernels.rotary import check_rotary_dim, rotary_ref
 
 
 IMPLS = ("triton", "reference")  # impl="auto": the Triton kernel on a CUDA machine, else the reference
@@ -35,7 +35,8 @@ class SlidingWindowAttention(Mixer):
     """Multi-head softmax attention where each query sees itself and the `window - 1` tokens before it.
 
     Parameters match the Based checkpoint: `Wqkv` (d -> 3d, layout [Q all heads | K | V]) and `out_proj`
-    (d -> d), no biases; RoPE (rotate-half, base 10000) on the first `rotary_dim` channels of q and k.
+    (d -> d), no biases; RoPE (rotate-half, base 10000) on the first 2*ceil(R/2) channels of q and
+    k (R = `rotary_dim`, flash-attn's convention).
     Decode state, constant in the sequence length:
         {"k": [B, W, H, Dh], "v": [B, W, H, Dh], "pos": int64 [B]}
     a ring buffer where token p (keys stored after rotary) sits in slot p % W; pos = tokens seen so far.
@@ -52,7 +53,8 @@ class SlidingWindowAttention(Mixer):
         Arg("impl", str, "auto", choices=("auto",) + IMPLS, positional=False,
             help="attention path; auto = the best one that can run, chosen once at construction"),
         Arg("rotary_dim", int, None, min=0, positional=False,
-            help="channels per head that get RoPE (even); default the full head dim"),
+            help="RoPE dim R per head, as flash-attn's RotaryEmbedding(dim=R): rotates 2*ceil(R/2) channels "
+                 "(R = 35 rotates 36); default the full head dim"),
     )
     state_kind = "window"
 
@@ -66,9 +68,10 @@ class SlidingWindowAttention(Mixer):
         self.window = window
         self.n_heads = resolve_heads(ctx, heads, D)
         self.head_dim = D // self.n_heads
-        self.rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
-        if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
-            raise ArgError(f"rotary_dim must be even and in [0, head dim {self.head_dim}], got {self.rotary_dim}")
+        try:
+            self.rotary_dim = check_rotary_dim(-1 if rotary_dim is None else rotary_dim, self.head_dim)
+        except ValueError as e:
+            raise ArgError(str(e)) from None
         self.impl = self._select_impl(impl)
         self._kernel = None
         if self.impl == "triton":  # imports triton; only on this path

@@ -48,7 +48,7 @@ def test_swa_ref_matches_per_query_loop():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("window,kw", [(1, {}), (7, {}), (20, {"heads": 2}), (64, {"rotary_dim": 6})])
+@pytest.mark.parametrize("window,kw", [(1, {}), (7, {}), (20, {"heads": 2}), (64, {"rotary_dim": 6}), (9, {"rotary_dim": 5})])
 def test_forward_matches_naive_twin(dtype, window, kw):
     m = make(window, dtype, **kw)
     x = inputs(dtype)
@@ -143,7 +143,7 @@ def test_flops_per_token():
 
 
 @pytest.mark.parametrize("kw,match", [
-    ({"window": 0}, "window"), ({"heads": 5}, "heads"), ({"rotary_dim": 5}, "rotary_dim"),
+    ({"window": 0}, "window"), ({"heads": 5}, "heads"), ({"rotary_dim": 13}, "rotates 14 channels"),
     ({"rotary_dim": 14}, "rotary_dim"), ({"impl": "flash"}, "impl"),
 ])
 def test_bad_args_are_rejected(kw, match):

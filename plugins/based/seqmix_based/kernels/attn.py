@@ -9,8 +9,8 @@ from seqmix_kernels.backend import check_device
 from seqmix_based.kernels.attn_bwd import based_bwd, denominator_grad
 from seqmix_based.kernels.attn_fwd import based_fwd
 from seqmix_based.kernels.attn_parallel import parallel_bwd, parallel_fwd
-from seqmix_based.kernels import unsupported_sizes
 from seqmix_based.kernels.common import PARALLEL_MAX_T, KernelConfig, default_config
+from seqmix_based.kernels.support import unsupported_sizes
 
 BasedState = tuple[torch.Tensor, torch.Tensor]  # (kv_BHVE fp32, k_BHE fp32)
 

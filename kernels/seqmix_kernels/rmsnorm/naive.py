@@ -1,9 +1,9 @@
 """RMSNorm, reference: y = x * rsqrt(mean(x^2) + eps) * w, computed in fp32; and its fusion with the residual add.
 
-The Triton twin of `rms_norm_residual_ref` (same signature) is `triton_ops/rmsnorm.py::rms_norm_residual`;
-`rms_norm_residual_fn(impl)` returns the one for a resolved impl.
+The Triton twin of `rms_norm_residual_ref` (same signature) is `seqmix_kernels.rmsnorm.triton.rms_norm_residual`;
+`seqmix_kernels.rmsnorm.rms_norm_residual_fn(impl)` returns the one for a resolved impl.
 """
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -30,14 +30,3 @@ def rms_norm_residual_ref(
     r = residual_BTD.float() if x_BTD is None else residual_BTD.float() + x_BTD.float()
     y = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * weight_D.float()
     return y.to(weight_D.dtype), r
-
-
-def rms_norm_residual_fn(impl: str) -> Callable:
-    """`rms_norm_residual` for a resolved impl ("reference" or "triton", see `backend.resolve_impl`)."""
-    if impl == "reference":
-        return rms_norm_residual_ref
-    if impl == "triton":
-        from seqmix_kernels.triton_ops.rmsnorm import rms_norm_residual
-
-        return rms_norm_residual
-    raise ValueError(f"rms_norm_residual impl must be 'reference' or 'triton', got {impl!r}")

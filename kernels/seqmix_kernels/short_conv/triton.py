@@ -7,7 +7,7 @@ memory (the overlap hits L1/L2), so HBM traffic is one read of x and the gate an
 Backward: one program per channel block and run of time tiles. It recomputes the pre-activation instead of
 storing it, writes dx (and d gate, d state) once, and keeps dw / dbias partial sums in registers; the partials
 (one row per program, fp32) are summed by the launcher, so the result is deterministic.
-The twin is `seqmix_kernels.short_conv.short_conv_ref` / `short_conv_step_ref` (same signatures).
+The twin is `seqmix_kernels.short_conv.naive.short_conv_ref` / `short_conv_step_ref` (same signatures).
 """
 from __future__ import annotations
 

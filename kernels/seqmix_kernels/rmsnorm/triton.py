@@ -3,7 +3,7 @@
 Forward reads x and the fp32 residual once and writes the new residual and y once (plus 4 bytes of 1/rms per
 row, kept for the backward). Backward reads dy, the saved residual and the incoming residual gradient once and
 writes d residual (fp32) and dx; dw is summed in registers over the rows a program visits and the per-program
-partials are summed by the launcher (deterministic). Twin: `seqmix_kernels.rmsnorm.rms_norm_residual_ref`.
+partials are summed by the launcher (deterministic). Twin: `seqmix_kernels.rmsnorm.naive.rms_norm_residual_ref`.
 """
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 
 Decode state convention (shared by `conv` and `mamba`): state_BCK holds the last K inputs, most recent at
 index K-1, zeros before the sequence starts. y_t = gate_t * act(sum_j w[c, j] * x_{t-K+1+j} + bias)
-(act and gate optional). The Triton twins with the same signatures live in `triton_ops/short_conv.py`;
-`short_conv_fns(impl)` returns the pair for a resolved impl.
+(act and gate optional). The Triton twins with the same signatures live in `seqmix_kernels.short_conv.triton`;
+`seqmix_kernels.short_conv.short_conv_fns(impl)` returns the pair for a resolved impl.
 """
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,14 +66,3 @@ def short_conv_step_ref(
     if gate_BC is not None:
         y = y * gate_BC.float()
     return y.to(x_BC.dtype)
-
-
-def short_conv_fns(impl: str) -> tuple[Callable, Callable]:
-    """(forward, decode step) for a resolved impl ("reference" or "triton", see `backend.resolve_impl`)."""
-    if impl == "reference":
-        return short_conv_ref, short_conv_step_ref
-    if impl == "triton":
-        from seqmix_kernels.triton_ops.short_conv import short_conv, short_conv_step
-
-        return short_conv, short_conv_step
-    raise ValueError(f"short conv impl must be 'reference' or 'triton', got {impl!r}")

@@ -1,10 +1,10 @@
 """Rotary position embedding (rotate-half) on Triton: one read of x, one write of y, for any strides of B, T, H.
 
-    y[:R/2] = x1 cos - x2 sin,   y[R/2:R] = x2 cos + x1 sin,   y[R:] = x[R:]
+    y[:n] = x1 cos - x2 sin,   y[n:2n] = x2 cos + x1 sin,   y[2n:] = x[2n:]   (n = ceil(R/2) frequencies)
 
-The fp32 cos/sin [B or 1, T, R/2] come from `rotary_cos_sin` (the reference's own arithmetic, so both paths
+The fp32 cos/sin [B or 1, T, n] come from `rotary_cos_sin` (the reference's own arithmetic, so both paths
 rotate by the same angles; the table is H * D / R times smaller than x). The backward is the same kernel
-rotating by -angle. Twin: `seqmix_kernels.rotary.rotary_ref`.
+rotating by -angle. Twin: `seqmix_kernels.rotary.naive.rotary_ref`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from seqmix_kernels.backend import check_device
-from seqmix_kernels.rotary import rotary_cos_sin
+from seqmix_kernels.rotary.naive import check_rotary_dim, rotary_cos_sin
 
 
 @triton.jit
@@ -87,14 +87,12 @@ def rotary(
 ) -> torch.Tensor:
     """Rotate x_BTHD [B, T, H, D] (any strides over B, T, H; unit stride over D) at positions pos_offset + t.
 
-    pos_offset: an int, or an int64 tensor [B] of per-sequence offsets. rotary_dim: channels rotated (even,
-    <= D; -1 = all); the rest are copied. fp32 angles and arithmetic; returns a contiguous tensor of x's dtype.
+    pos_offset: an int, or an int64 tensor [B] of per-sequence offsets. rotary_dim: R as in flash-attn's
+    RotaryEmbedding (the first 2 * ceil(R/2) channels rotate; -1 = all); the rest are copied. fp32 angles and arithmetic; returns a contiguous tensor of x's dtype.
     Differentiable w.r.t. x.
     """
     B, T, H, D = x_BTHD.shape
-    R = D if rotary_dim == -1 else rotary_dim
-    if R % 2 or R > D:
-        raise ValueError(f"rotary_dim must be even and <= head dim {D}, got {R}")
+    R = check_rotary_dim(rotary_dim, D)
     if R == 0:
         return x_BTHD
     check_device("rotary", x_BTHD)

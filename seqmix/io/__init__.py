@@ -1,0 +1,18 @@
+"""Checkpoints in and out: `save` / `load` of seqmix's format, and `load` of every format an importer reads.
+
+    files.py      safetensors / .bin reading (single or sharded), shard planning and writing, atomic publish
+    hub.py        Hugging Face hub names -> local snapshots
+    native.py     seqmix's own format (config.json + safetensors)
+    strict.py     the one strict loader (missing / unexpected / misshapen keys, named) and its errors
+    loader.py     `load`: dispatch on config.json's model_type over the registered importers
+    importers/    the built-in importers (Based repo, transformers Llama / Mamba), registered through
+                  the `seqmix_register_importers` hook like a plugin's
+"""
+from seqmix.io.files import parse_size, read_weights
+from seqmix.io.hub import resolve_model_dir
+from seqmix.io.loader import load
+from seqmix.io.native import load_config, save
+from seqmix.io.strict import CheckpointError, ConversionError
+
+__all__ = ["CheckpointError", "ConversionError", "load", "load_config", "parse_size", "read_weights",
+           "resolve_model_dir", "save"]
