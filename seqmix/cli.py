@@ -1,4 +1,4 @@
-"""The `seqmix` command line: build (inspect/save a model from a spec), plugins, generate, convert (import checkpoints), mqar."""
+"""The `seqmix` command line: build (inspect/save a model from a spec), plugins, generate, convert (import checkpoints), eval, mqar."""
 from __future__ import annotations
 
 import json
@@ -239,6 +239,10 @@ def plugins_cmd(as_json: bool) -> None:
 
 
 main.add_command(plugins_cmd, name="mixers")
+
+from seqmix.eval.cli import eval_cmd  # noqa: E402  (click only; lm-eval is imported when the command runs)
+
+main.add_command(eval_cmd)
 
 
 @main.command(name="generate")
