@@ -82,7 +82,11 @@ def write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_siz
     names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     mode = directory.stat().st_mode & 0o666  # a new folder's mode is the umask's; safetensors writes 0600
     for keys, fname in zip(shards, names):
-        save_file({k: state[k].contiguous().cpu() for k in keys}, str(directory / fname), metadata={"format": "pt"})
+        try:
+            save_file({k: state[k].contiguous().cpu() for k in keys}, str(directory / fname),
+                      metadata={"format": "pt"})
+        except OSError as e:  # a full disk: say which file did not fit
+            raise OSError(e.errno, e.strerror or str(e), fname) from e
         os.chmod(directory / fname, mode)
     if n > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
@@ -138,14 +142,21 @@ def _load_bin(f: Path, device) -> dict:
         raise
     except pickle.UnpicklingError as e:
         if "weights only load failed" not in str(e).lower():
-            raise CheckpointFileError(f"{f} is not a readable PyTorch file ({_first_line(e)}): it is truncated or "
+            raise CheckpointFileError(f"{f} is not a readable PyTorch checkpoint ({_first_line(e)}): it is truncated or "
                                       "damaged; fetch it again") from None
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None:  # a malformed pickle ("Unsupported operand 103")
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            detail = next((x for x in lines if x.lower().startswith("unsupported")), lines[-1] if lines else "")
+            raise CheckpointFileError(
+                f"{f} is not a readable PyTorch checkpoint of tensors (torch.load(weights_only=True): {detail[:120]}): "
+                "it is truncated or damaged, or holds pickled objects other than tensors, which seqmix does not "
+                "unpickle; fetch it again, or get the model as safetensors") from None
         raise CheckpointFileError(
-            f"{f} holds pickled objects other than tensors{f' (it calls {found[1]})' if found else ''}. seqmix "
-            "reads .bin weights with torch.load(weights_only=True), which runs no code from a checkpoint, and "
-            "will not load this one: it may run code when unpickled. Get the model as safetensors, or ask its "
-            "author for a plain state dict of tensors") from None
+            f"{f} holds pickled objects other than tensors (it calls {found[1]}). seqmix reads .bin weights with "
+            "torch.load(weights_only=True), which runs no code from a checkpoint, and will not load this one: it "
+            "may run code when unpickled. Get the model as safetensors, or ask its author for a plain state dict "
+            "of tensors") from None
     except OSError as e:
         raise CheckpointFileError(f"{f} could not be read: {e.strerror or e}") from e
     except Exception as e:  # torch's zip reader (RuntimeError), a legacy pickle cut short (EOFError, KeyError)
