@@ -48,9 +48,11 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 @click.option("--save", "save_dir", type=click.Path(file_okay=False), default=None,
               help="Write an initialised model (config.json + model.safetensors) to this directory.")
+@click.option("--overwrite", is_flag=True,
+              help="Let --save replace the model files of an existing seqmix model directory (others are kept).")
 @click.option("--forward", "forward_tokens", type=_INT, default=None, metavar="T",
               help="Also run one forward pass of the initialised model on T random tokens (CPU, fp32).")
-def build(spec, layers, d_model, heads, vocab, seq_len, as_json, save_dir, forward_tokens) -> None:
+def build(spec, layers, d_model, heads, vocab, seq_len, as_json, save_dir, overwrite, forward_tokens) -> None:
     """Show the block layout, parameters, state and FLOPs of SPEC (a spec string or a named architecture)."""
     from seqmix.config import resolve_model
     from seqmix.model import attention_kv_bytes, build_model, sequence_mixer_count
@@ -64,6 +66,8 @@ def build(spec, layers, d_model, heads, vocab, seq_len, as_json, save_dir, forwa
         config = resolve_model(spec, layers=layers, d_model=d_model, n_heads=heads, vocab_size=vocab,
                                max_seqlen=seq_len, registry=registry)
         model = build_model(config, device="meta", registry=registry)  # sizes first, nothing allocated
+        if save_dir is not None:
+            _check_target(save_dir, overwrite)  # refused before the model is built
         if save_dir is not None or forward_tokens is not None:
             _check_fits(model, forward_tokens, save_dir)
             model = build_model(config, device="cpu", registry=registry)
@@ -98,11 +102,25 @@ def build(spec, layers, d_model, heads, vocab, seq_len, as_json, save_dir, forwa
     if save_dir is not None:
         from seqmix.io import save
 
-        report["saved"] = str(save(model, save_dir))
+        try:
+            report["saved"] = str(save(model, save_dir, overwrite=overwrite))
+        except OSError as e:  # SaveRefusedError (a folder that changed meanwhile), SaveError (a full disk)
+            _fail(f"error: {e}")
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         _print_build(report)
+
+
+def _check_target(save_dir: str, overwrite: bool) -> None:
+    """A one-screen error unless seqmix.io.save may write `save_dir` (new, empty, or a seqmix model directory
+    with --overwrite)."""
+    from seqmix.io.publish import SaveRefusedError, check_target, target_dir
+
+    try:
+        check_target(target_dir(save_dir), overwrite)
+    except SaveRefusedError as e:
+        _fail(f"error: {e}")
 
 
 def _available_memory() -> Optional[int]:
@@ -359,18 +377,25 @@ def _check_device(device: str) -> str:
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Hugging Face cache to download into / read from (default: huggingface_hub's).")
 @click.option("--local-files-only", is_flag=True, help="Never download: use the Hugging Face cache only.")
-def convert_cmd(src, dst, revision, cache_dir, local_files_only) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Replace the model files of DST when it is a seqmix model directory (others are kept).")
+def convert_cmd(src, dst, revision, cache_dir, local_files_only, overwrite) -> None:
     """Import the checkpoint SRC (a directory or a Hugging Face hub name such as hazyresearch/based-360m) and
     write a seqmix model directory DST. SRC is a Based-repo checkpoint (config.json + pytorch_model.bin: the
     Based hybrids, their attention baselines and Mamba stacks) or a transformers save_pretrained directory of
-    LlamaForCausalLM or MambaForCausalLM (read from config.json); single or sharded weights."""
-    from seqmix.io import load, save
+    LlamaForCausalLM or MambaForCausalLM (read from config.json); single or sharded weights. DST must be new,
+    empty, or (with --overwrite) a seqmix model directory; it is never SRC or a folder holding SRC."""
+    from seqmix.io import load, resolve_model_dir, save
+    from seqmix.io.publish import refuse_source
 
     try:
-        model = load(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    except (ValueError, OSError, KeyError, ImportError) as e:
+        src_dir = resolve_model_dir(src, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        refuse_source(src_dir, dst)
+        _check_target(dst, overwrite)  # before the (possibly long) import
+        model = load(src_dir)
+        out = save(model, dst, overwrite=overwrite)
+    except (ValueError, OSError, KeyError, ImportError) as e:  # CheckpointError, SaveError, SaveRefusedError
         _fail(f"error: {e}")
-    out = save(model, dst)
     click.echo(f"wrote {out}: {model.config.spec} ({model.num_params():,} parameters)")
 
 

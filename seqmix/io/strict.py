@@ -12,6 +12,12 @@ class CheckpointError(ValueError):
     """A checkpoint whose tensors do not fit the model its config describes."""
 
 
+class CheckpointFileError(CheckpointError):
+    """A checkpoint file seqmix will not read: truncated or damaged, not JSON where JSON belongs, a config of the
+    wrong shape, pickled objects other than tensors, or a path that leaves the model folder. The message names
+    the file and the fix."""
+
+
 class ConversionError(CheckpointError):
     """A foreign checkpoint seqmix cannot import: a setting it cannot express, or tensors that do not fit."""
 

@@ -205,15 +205,33 @@ def load_checkpoint(engine, ckpt_dir: Path, rank: int,
     return state
 
 
+def check_export_dir(export_dir: Path, run_dir: Path) -> Optional[str]:
+    """Why the final model cannot be exported to `export_dir` (checked before training starts), or None: it must
+    not be the run directory or hold it (seqmix.io.save keeps other files, but the run's own files do not belong
+    in a model folder), nor a folder the save would refuse (not empty and not a seqmix model directory). A seqmix
+    model directory is replaced: the run re-exports its own model/ when it resumes or finishes again."""
+    from seqmix.io.publish import SaveRefusedError, check_target, target_dir
+
+    e, r = target_dir(export_dir).resolve(), Path(run_dir).resolve()
+    if e == r or e in r.parents or (e.parent == r and e.name in ("checkpoints", "tensorboard")):
+        return (f"train.export_dir={export_dir} would put the model among the run's own files in {run_dir}; "
+                f"leave it unset (the model goes to {Path(run_dir) / 'model'}) or name a folder of its own")
+    try:
+        check_target(e, overwrite=True)
+    except SaveRefusedError as err:
+        return f"train.export_dir: {err}"
+    return None
+
+
 def export_model(model, tokenizer_name: str, directory: Path, rank: int) -> Optional[Path]:
     """Collective. Write the fp32 master weights of `model` (a HybridLM inside a DeepSpeed engine, any ZeRO
-    stage) as a seqmix model directory: config.json + model.safetensors + tokenizer_config.json."""
+    stage) as a seqmix model directory: config.json + model.safetensors + tokenizer_config.json, all at once
+    (seqmix.io.save, overwrite=True: a model directory there, the run's own from an earlier finish, is replaced;
+    its other files are kept; any other non-empty folder is refused)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     from seqmix.io import save
-    from seqmix.io.files import publish_dir
     from seqmix.model import build_model
-    from seqmix.tokenizer import save_tokenizer_config
 
     full = {}
     for name, p in model.named_parameters():
@@ -222,7 +240,6 @@ def export_model(model, tokenizer_name: str, directory: Path, rank: int) -> Opti
             full[name] = (p.detach() if t is None else t).float().cpu()
     out = None
     if rank == 0:
-        directory = Path(directory)
         with torch.random.fork_rng(devices=[]):  # building draws an init; leave the training RNG alone
             fresh = build_model(model.config)
         state = fresh.state_dict()
@@ -231,11 +248,6 @@ def export_model(model, tokenizer_name: str, directory: Path, rank: int) -> Opti
             raise KeyError(f"export: parameters {unknown} are not in a freshly built model")
         state.update(full)
         fresh.load_state_dict(state)
-        tmp = directory.with_name(f".{directory.name}.export-tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save(fresh, tmp)
-        save_tokenizer_config(tmp, tokenizer_name)
-        publish_dir(tmp, directory)
-        out = directory
+        out = save(fresh, directory, overwrite=True, tokenizer=tokenizer_name)
     barrier()
     return out

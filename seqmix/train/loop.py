@@ -346,11 +346,15 @@ def train(recipe: Recipe, *, stop_after: Optional[int] = None, console=None) -> 
 
 def preflight(recipe: Recipe) -> None:
     """Build the recipe's model on the meta device (nothing allocated) before DeepSpeed starts, so a bad spec,
-    a head count that does not divide the width or a kernel that cannot run here is a RecipeError."""
+    a head count that does not divide the width, a kernel that cannot run here or a train.export_dir the export
+    would refuse is a RecipeError."""
     from seqmix.model import build_model
     from seqmix.spec import SpecError
     from seqmix.tokenizer import tokenizer_vocab_size
 
+    t = recipe.train
+    if why := ckpt.check_export_dir(Path(t.export_dir or Path(t.run_dir) / "model"), Path(t.run_dir)):
+        raise RecipeError(why)  # refused now, not after the whole run
     key = "model.arch" if recipe.model.arch else "model.spec"
     try:
         build_model(model_config(recipe, tokenizer_vocab_size(recipe.data.tokenizer)), device="meta")
