@@ -152,7 +152,14 @@ def recorded_tokenizer(directory: Union[str, Path]) -> Optional[str]:
     path = Path(directory) / TOKENIZER_CONFIG_NAME
     if not path.is_file():
         return None
-    name = json.loads(path.read_text()).get("tokenizer")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON tokenizer record ({e}); rewrite it as "
+                         f'{{"tokenizer": "gpt2"}} (or "bytes"), or pass --tokenizer') from None
+    name = record.get("tokenizer") if isinstance(record, dict) else None
+    if not isinstance(record, dict) or not (name is None or isinstance(name, str)):
+        raise ValueError(f'{path} must hold a JSON object like {{"tokenizer": "gpt2"}}; got {record!r:.80}')
     if name is not None and name not in NAMES:
         raise ValueError(f"{path} names tokenizer {name!r}; known tokenizers: {', '.join(NAMES)}")
     return name

@@ -68,3 +68,10 @@ def test_a_model_directory_records_its_tokenizer(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer": "sentencepiece"}')
     with pytest.raises(ValueError, match="sentencepiece"):
         recorded_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"tokenizer": 3}', "\udcff"])
+def test_a_damaged_tokenizer_record_is_an_error_naming_the_file(tmp_path, text):
+    (tmp_path / "tokenizer_config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match="tokenizer_config.json"):
+        recorded_tokenizer(tmp_path)
