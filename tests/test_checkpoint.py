@@ -153,7 +153,7 @@ def test_sharded_based_repo_bin_loads_like_the_single_file(tmp_path):
 
 # -- hub names (a fake cache; never the network) ------------------------------------------------------
 def test_hub_name_loads_a_sharded_seqmix_model_from_the_cache(tmp_path):
-    pytest.importorskip("huggingface_hub")
+    import huggingface_hub  # noqa: F401  (make install-test installs it)
     model = tiny()
     cache = fake_hub_cache(tmp_path / "hub", "org/name", save(model, tmp_path / "m", max_shard_size="20KB"))
     got = load("org/name", cache_dir=cache, local_files_only=True)
@@ -163,7 +163,7 @@ def test_hub_name_loads_a_sharded_seqmix_model_from_the_cache(tmp_path):
 
 
 def test_hub_name_not_in_the_cache_says_what_to_do(tmp_path):
-    pytest.importorskip("huggingface_hub")
+    import huggingface_hub  # noqa: F401  (make install-test installs it)
     cache = fake_hub_cache(tmp_path / "hub", "org/name", save(tiny(), tmp_path / "m"))
     with pytest.raises(FileNotFoundError, match=r"(?s)org/missing.*local_files_only=True.*local directory"):
         load("org/missing", cache_dir=cache, local_files_only=True)
@@ -185,7 +185,7 @@ def test_hub_without_huggingface_hub_says_how_to_install(tmp_path, monkeypatch):
 
 
 def test_based_repo_checkpoint_on_the_hub_is_imported_by_load(tmp_path):
-    pytest.importorskip("huggingface_hub")
+    import huggingface_hub  # noqa: F401  (make install-test installs it)
     src = write_checkpoint(tmp_path / "based", BASED)
     cache = fake_hub_cache(tmp_path / "hub", "hazyresearch/based-tiny", src)
     got = load("hazyresearch/based-tiny", cache_dir=cache, local_files_only=True)
@@ -201,7 +201,7 @@ def test_based_repo_checkpoint_on_the_hub_is_imported_by_load(tmp_path):
 
 
 def test_convert_cli_accepts_a_hub_name(tmp_path):
-    pytest.importorskip("huggingface_hub")
+    import huggingface_hub  # noqa: F401  (make install-test installs it)
     src = write_checkpoint(tmp_path / "based", BASED)
     cache = fake_hub_cache(tmp_path / "hub", "hazyresearch/based-tiny", src)
     run = CliRunner().invoke

@@ -5,7 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from seqmix.io import load  # noqa: E402
 from seqmix.cli import main  # noqa: E402

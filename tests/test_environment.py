@@ -1,5 +1,5 @@
-"""The packages `make install-test` installs are importable: a test elsewhere that `importorskip`s one of them can
-then never skip silently in CI (a missing extra fails here, by name, instead)."""
+"""The packages `make install-test` installs are importable (the tests import them plainly, never importorskip: a
+missing extra fails here, by name, and where it is imported, instead of skipping silently)."""
 import importlib.util
 
 import pytest

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-lm_eval = pytest.importorskip("lm_eval", reason="evaluation needs the [eval] extra (make install-test installs it)")
-transformers = pytest.importorskip("transformers")
+import lm_eval
+import transformers
 
 from click.testing import CliRunner  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-lm_eval = pytest.importorskip("lm_eval", reason="evaluation needs the [eval] extra (make install-test installs it)")
+import lm_eval
 
 from evalkit import RECALL, based_task_yaml, oracle_lm, upstream_task  # noqa: E402
 from seqmix.eval.tasks.recall import contains  # noqa: E402

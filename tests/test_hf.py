@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 import seqmix.hf  # noqa: E402,F401  (registers model_type "seqmix")
 from seqmix.config import resolve_model  # noqa: E402
