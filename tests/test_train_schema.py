@@ -270,11 +270,11 @@ def test_max_tokens_stops_tokenising(tmp_path):
 
 
 def test_resuming_a_run_dir_with_a_different_model_or_data_is_refused(tmp_path):
-    from seqmix.train.loop import _check_resumable
+    from seqmix.train.guards import check_resumable
     from seqmix.train.schema import recipe_to_dict
 
     saved = recipe_to_dict(load_recipe(RECIPES / "tiny.yaml"))
-    _check_resumable(saved, load_recipe(RECIPES / "tiny.yaml", ["train.steps=400", "log.every=5"]), tmp_path)
+    check_resumable(saved, load_recipe(RECIPES / "tiny.yaml", ["train.steps=400", "log.every=5"]), tmp_path)
     with pytest.raises(RecipeError, match=r"data.seq_len: 256 -> 512.*model.d_model: 128 -> 256"):
-        _check_resumable(saved, load_recipe(RECIPES / "tiny.yaml", ["model.d_model=256", "data.seq_len=512"]),
+        check_resumable(saved, load_recipe(RECIPES / "tiny.yaml", ["model.d_model=256", "data.seq_len=512"]),
                          tmp_path)

@@ -30,6 +30,7 @@ from seqmix.train import ckpt
 from seqmix.train.data import (PackedTokens, StepSampler, SyntheticTokens, get_batch, prepare_data,
                                training_split)
 from seqmix.train.dist import all_reduce_sum, barrier, init_distributed
+from seqmix.train.guards import check_grad_norm, check_resumable, diverged
 from seqmix.train.ds_config import build_ds_config
 from seqmix.train.runlock import RunDirLock
 from seqmix.train.schema import OptimSection, Recipe, RecipeError, recipe_to_dict, recipe_to_yaml
@@ -37,12 +38,6 @@ from seqmix.train.schema import OptimSection, Recipe, RecipeError, recipe_to_dic
 # Dense bf16/fp16 tensor-core peak per device (FLOP/s), matched against the device name, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}
 # Recipe keys a resumed run must share with the checkpoint it resumes.
-RESUME_KEYS = ("model", "data.tokenizer", "data.seq_len", "data.source", "train.global_batch", "train.seed")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite; the message names the step and the last good
-    checkpoint."""
 
 
 @dataclass
@@ -152,22 +147,6 @@ def build_engine(recipe: Recipe, vocab_size: int, world: int, device_type: str) 
 
 
 # -- the run ----------------------------------------------------------------------------------------------
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def _check_resumable(saved: dict, recipe: Recipe, run_dir: Path) -> None:
-    now, before = _flat(recipe_to_dict(recipe)), _flat(saved)
-    diff = [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in sorted(now)
-            if any(k == p or k.startswith(p + ".") for p in RESUME_KEYS) and before.get(k) != now[k]]
-    if diff:
-        raise RecipeError(f"{run_dir} holds a checkpoint of a different run ({'; '.join(diff)}); "
-                          "give this run its own train.run_dir, or delete the old one")
-
-
 def _datasets(recipe: Recipe, vocab_size: int, local_rank: int, say):
     d = recipe.data
     if d.source == "synthetic":
@@ -230,7 +209,7 @@ def setup_run(recipe: Recipe, console) -> Run:
     train_ds, val_ds = _datasets(recipe, lm.config.vocab_size, local_rank, say)
 
     ckpt_dir = run_dir / "checkpoints"
-    client = ckpt.load_checkpoint(built.engine, ckpt_dir, rank, check=partial(_check_resumable, recipe=recipe,
+    client = ckpt.load_checkpoint(built.engine, ckpt_dir, rank, check=partial(check_resumable, recipe=recipe,
                                                                                run_dir=run_dir))  # before loading
     start = 0
     if client is not None:
@@ -274,13 +253,13 @@ def train_step(run: Run, step: int) -> dict:
     all_reduce_sum(loss_sum)
     loss_val = loss_sum.item() / (run.accum * run.world)
     if not math.isfinite(loss_val):
-        raise _diverged(f"the training loss is {loss_val} at step {step + 1}; stopped before the optimizer step",
+        raise diverged(f"the training loss is {loss_val} at step {step + 1}; stopped before the optimizer step",
                         run.ckpt_dir)
     lr = engine.get_lr()[0]
     norm = _grad_norm(engine.module) if run.manual_norm else None
     engine.step()
     norm = norm if run.manual_norm else engine.get_global_grad_norm()
-    _check_grad_norm(norm, step + 1, t.dtype, run.ckpt_dir)
+    check_grad_norm(norm, step + 1, t.dtype, run.ckpt_dir)
     done = step + 1
     dt = time.perf_counter() - t0
     tok_s = t.global_batch * seq_len / dt
@@ -362,25 +341,6 @@ def preflight(recipe: Recipe) -> None:
         raise RecipeError(f"{key}: {e}") from None
     except (ValueError, KeyError, RuntimeError, OverflowError) as e:  # KeyError: UnknownMixerError
         raise RecipeError(f"model: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
-
-
-def _diverged(what: str, ckpt_dir: Path) -> TrainingDiverged:
-    last = ckpt.latest_tag(ckpt_dir)
-    return TrainingDiverged(
-        f"{what}. " + (f"The last good checkpoint is {ckpt_dir / last} (step {int(last[4:])}); " if last else
-                       "No checkpoint was written yet; ")
-        + "lower optim.lr or raise optim.warmup_steps, then rerun")
-
-
-def _check_grad_norm(norm, step: int, dtype: str, ckpt_dir: Path) -> None:
-    """A NaN/inf gradient norm stops the run (the step is not saved or exported). Not under fp16, where DeepSpeed's
-    loss scaler expects overflowing steps: it skips them and lowers the scale (a NaN loss still stops the run)."""
-    if norm is None or dtype == "fp16":
-        return
-    value = float(norm)
-    if not math.isfinite(value):
-        raise _diverged(f"the gradient norm is {value} at step {step}; stopped without saving or exporting that "
-                        "step", ckpt_dir)
 
 
 @torch.no_grad()
