@@ -7,11 +7,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.mixer import Arg, ArgError, BlockContext, Impl, Mixer, State, resolve_heads
+from seqmix.mixer import Arg, ArgError, BlockContext, Impl, Mixer, State, resolve_heads, triton_kernel
 from seqmix_kernels.rotary import check_rotary_dim, rotary_ref
 
 
-IMPLS = {"reference": Impl("reference")}  # PyTorch SDPA (is_causal for a fresh sequence, masked otherwise)
+def _load_decode_kernel():
+    from seqmix_kernels.decode_attention.triton import decode_attention  # imports triton; only when chosen
+
+    return decode_attention
+
+
+def _fits_decode_kernel(m) -> Optional[str]:
+    return None if m.head_dim <= 256 else f"the decode kernel supports head dims up to 256, this layer has {m.head_dim}"
+
+
+# impl -> the decode step's attention: the split-K Triton kernel over each sequence's cached rows, or None: SDPA
+# over the whole cache, masked. A fresh sequence (training, prefill) runs SDPA's causal kernel on every impl.
+IMPLS = {"triton": Impl("kernel", triton_kernel, load=_load_decode_kernel, fits=_fits_decode_kernel),
+         "reference": Impl("reference")}
 
 
 def _capturing() -> bool:
@@ -30,6 +43,10 @@ class CausalAttention(Mixer):
     Decode state, preallocated for `max_seqlen` tokens:
         {"k": [B, max_seqlen, Hkv, Dh], "v": [B, max_seqlen, Hkv, Dh], "pos": int64 [B]}
     where token p of sequence b (keys stored after rotary) sits at row p; pos = tokens cached so far.
+    impl="triton" runs `step`'s attention with the split-K decode kernel
+    (`seqmix_kernels.decode_attention`), which reads rows [0, pos] of each sequence only and the grouped KV heads
+    once; impl="reference" attends over the whole cache with a mask (SDPA). Training, `prefill` and a forward
+    that continues a state use SDPA on both.
     """
 
     name = "attn"
@@ -43,7 +60,7 @@ class CausalAttention(Mixer):
                  "(R = 35 rotates 36); default the full head dim"),
         Arg("rope_base", float, 10000.0, min=1.0, positional=False, help="RoPE frequency base"),
         Arg("impl", str, "auto", choices=("auto", *IMPLS), positional=False,
-            help="attention path; auto = the best one that can run on the layer's device"),
+            help="decode-step attention; auto = the Triton kernel for a layer on a CUDA device"),
     )
     state_kind = "cache"
 
@@ -150,10 +167,11 @@ class CausalAttention(Mixer):
         }
 
     def step(self, x_BD, state):
-        """One token per sequence: write k/v at row pos, attend over rows <= pos of the whole cache, pos += 1.
+        """One token per sequence: write k/v at row pos, attend over rows <= pos, pos += 1.
 
-        Shapes are fixed (the full cache is read, masked), so the step can be captured in a CUDA graph; the
-        overflow check is skipped while capturing or compiling.
+        Shapes are fixed (the kernel reads each sequence's length on the device; the reference reads the whole
+        cache, masked), so the step can be captured in a CUDA graph; the overflow check is skipped while capturing
+        or compiling.
         """
         B, D = x_BD.shape
         pos_B = state["pos"]
@@ -167,10 +185,14 @@ class CausalAttention(Mixer):
         b_B = torch.arange(B, device=pos_B.device)
         state["k"][b_B, pos_B] = k_B1KD[:, 0].to(state["k"].dtype)
         state["v"][b_B, pos_B] = v_B1KD[:, 0].to(state["v"].dtype)
-        valid_B11S = (torch.arange(S, device=pos_B.device) <= pos_B[:, None])[:, None, None]
-        o_B1HD = self._sdpa(q_B1HD, state["k"].to(q_B1HD.dtype), state["v"].to(q_B1HD.dtype), valid_B11S)
+        kernel = self.ops["impl"]
+        if kernel is not None:  # rows [0, pos] of each sequence, nothing past them
+            o_BHD = kernel(q_B1HD[:, 0], state["k"], state["v"], pos_B + 1)
+        else:
+            valid_B11S = (torch.arange(S, device=pos_B.device) <= pos_B[:, None])[:, None, None]
+            o_BHD = self._sdpa(q_B1HD, state["k"].to(q_B1HD.dtype), state["v"].to(q_B1HD.dtype), valid_B11S)[:, 0]
         pos_B.add_(1)
-        return self.out_proj(o_B1HD.reshape(B, D)), state
+        return self.out_proj(o_BHD.reshape(B, D)), state
 
     def flops_per_token(self, seqlen: int) -> int:
         """2 per multiply-add: Wqkv (d (H + 2 Hkv) Dh) + out_proj (d^2), then q.k and p.v over the `seqlen`

@@ -12,12 +12,14 @@ from seqmix_kernels.rotary import check_rotary_dim, rotary_ref
 
 
 def _load_kernel():
-    from seqmix_swa.kernel import swa_attn  # imports triton; only when chosen
+    from seqmix_kernels.decode_attention.triton import decode_attention  # both import triton; only when chosen
+    from seqmix_swa.kernel import swa_attn
 
-    return swa_attn
+    return swa_attn, decode_attention
 
 
-# impl -> the fresh-sequence attention: the banded Triton kernel (a head in one tile), or None: the SDPA band.
+# impl -> (the fresh-sequence attention, the decode step's attention over the ring): the banded Triton kernel (a head
+# in one tile) and the split-K decode kernel, or None: SDPA with the band / ring mask.
 IMPLS = {"triton": Impl("kernel", triton_kernel, load=_load_kernel, fits=lambda m: None if m.head_dim <= 128 else
                         f"the kernel supports head dims up to 128, this layer has {m.head_dim}"),
          "reference": Impl("reference")}
@@ -49,8 +51,9 @@ class SlidingWindowAttention(Mixer):
         {"k": [B, W, H, Dh], "v": [B, W, H, Dh], "pos": int64 [B]}
     a ring buffer where token p (keys stored after rotary) sits in slot p % W; pos = tokens seen so far.
     impl="triton" runs the attention of a fresh sequence (training, and `prefill`) with the
-    banded Triton kernel (`seqmix_swa.kernel.swa_attn`, O(T * W)); a forward that continues a carried state and
-    `step` attend over the W ring slots + the new tokens with PyTorch's SDPA on every impl.
+    banded Triton kernel (`seqmix_swa.kernel.swa_attn`, O(T * W)) and `step`'s with the split-K decode kernel
+    (`seqmix_kernels.decode_attention`) over the min(pos + 1, W) filled slots; a forward that continues a carried
+    state attends over the W ring slots + the new tokens with PyTorch's SDPA on every impl.
     """
 
     name = "swa"
@@ -132,9 +135,8 @@ class SlidingWindowAttention(Mixer):
         """y [B, T, D] of a sequence from position 0, and its k, v [B, T, H, Dh] (RoPE applied to k)."""
         B, T, D = x_BTD.shape
         q_BTHD, k_BTHD, v_BTHD = self._qkv(x_BTD, 0)
-        kernel = self.ops["impl"]
-        if kernel is not None:
-            o_BTHD = kernel(q_BTHD, k_BTHD, v_BTHD, self.window)
+        if self.ops["impl"] is not None:
+            o_BTHD = self.ops["impl"][0](q_BTHD, k_BTHD, v_BTHD, self.window)
         else:
             t_T = torch.arange(T, device=x_BTD.device)
             o_BTHD = self._sdpa(q_BTHD, k_BTHD, v_BTHD, band_mask(t_T[None], t_T[None], self.window))
@@ -169,11 +171,15 @@ class SlidingWindowAttention(Mixer):
         slot_B = torch.remainder(pos_B, self.window)
         state["k"][b_B, slot_B] = k_B1HD[:, 0].to(state["k"].dtype)
         state["v"][b_B, slot_B] = v_B1HD[:, 0].to(state["v"].dtype)
-        # After the write the buffer holds positions pos-W+1..pos, all inside the window; mask the empty slots.
-        valid_B11W = (ring_positions(pos_B + 1, self.window) >= 0)[:, None, None]
-        o_B1HD = self._sdpa(q_B1HD, state["k"].to(q_B1HD.dtype), state["v"].to(v_B1HD.dtype), valid_B11W)
+        # After the write the buffer holds positions pos-W+1..pos, all inside the window, in slots
+        # [0, min(pos + 1, W)) (filled in order, then overwritten in place); attention does not care about order.
+        if self.ops["impl"] is not None:
+            o_BHD = self.ops["impl"][1](q_B1HD[:, 0], state["k"], state["v"], torch.clamp(pos_B + 1, max=self.window))
+        else:
+            valid_B11W = (ring_positions(pos_B + 1, self.window) >= 0)[:, None, None]
+            o_BHD = self._sdpa(q_B1HD, state["k"].to(q_B1HD.dtype), state["v"].to(v_B1HD.dtype), valid_B11W)[:, 0]
         pos_B.add_(1)
-        return self.out_proj(o_B1HD.reshape(B, D)), state
+        return self.out_proj(o_BHD.reshape(B, D)), state
 
     def flops_per_token(self, seqlen: int) -> int:
         """2 per multiply-add: Wqkv (3d^2) + out_proj (d^2), then q.k and p.v over min(seqlen, W) keys (d each).
