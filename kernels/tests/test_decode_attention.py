@@ -20,12 +20,15 @@ def gpu(test):
     return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))
 
 
-def case(B, S, H, K, D, dtype, lens, seed=0, cache_dtype=None):
-    """q [B, H, D], a [B, S, K, D] cache with NaN in every row at or past len[b], and len [B] (int64)."""
+def case(B, S, H, K, D, dtype, lens, seed=0, cache_dtype=None, cache_dim=None):
+    """q [B, H, D], a [B, S, K, Dc] cache (Dc = cache_dim or D, the padding zero) with NaN in every row at or past
+    len[b], and len [B] (int64)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, D, generator=g).to(DEVICE, dtype)
-    k = 2 * torch.randn(B, S, K, D, generator=g)
-    v = torch.randn(B, S, K, D, generator=g)
+    Dc = cache_dim or D
+    k, v = torch.zeros(B, S, K, Dc), torch.zeros(B, S, K, Dc)
+    k[..., :D] = 2 * torch.randn(B, S, K, D, generator=g)
+    v[..., :D] = torch.randn(B, S, K, D, generator=g)
     len_B = torch.tensor(lens, dtype=torch.int64)
     past_BS = torch.arange(S)[None] >= len_B[:, None]
     k[past_BS], v[past_BS] = float("nan"), float("nan")
@@ -48,6 +51,14 @@ def test_ragged_lengths(dtype, H, K, D):
     S = 130
     q, k, v, len_B = case(4, S, H, K, D, dtype, [1, 67, 64, S])
     check(q, k, v, len_B, f"decode H={H} K={K} D={D}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_padded_cache_rows(dtype):
+    """Head dim 70 in cache rows of 72 (the attn mixer's layout) and 12 in rows of 16."""
+    for H, K, D, Dc in ((4, 2, 70, 72), (3, 3, 12, 16)):
+        q, k, v, len_B = case(3, 50, H, K, D, dtype, [50, 1, 33], cache_dim=Dc)
+        check(q, k, v, len_B, f"decode D={D} in rows of {Dc}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -95,11 +106,13 @@ def test_bad_shapes_are_errors():
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("B", [1, 3, 64])
-@pytest.mark.parametrize("H,K,D", [(24, 24, 70), (32, 8, 128), (16, 16, 64), (16, 4, 112)],
-                         ids=["attn1b", "gqa4-128", "mha64", "gqa4-112"])
-def test_gpu_decode_shapes(dtype, B, H, K, D):
+@pytest.mark.parametrize("H,K,D,Dc", [(24, 24, 70, 72), (24, 24, 70, 70), (32, 8, 128, 128), (16, 16, 64, 64),
+                                      (16, 4, 112, 112), (8, 1, 70, 72)],
+                         ids=["attn1b-rows72", "d70-unpadded", "gqa4-128", "mha64", "gqa4-112", "mqa-rows72"])
+def test_gpu_decode_shapes(dtype, B, H, K, D, Dc):
     S = 2048
     lens = [(97 * (b + 1) * 13) % S + 1 for b in range(B)]
     lens[0] = S
-    q, k, v, len_B = case(B, S, H, K, D, dtype, lens, seed=B)
-    check(q, k, v, len_B, f"decode B={B} H={H} K={K} D={D}")
+    q, k, v, len_B = case(B, S, H, K, D, dtype, lens, seed=B, cache_dim=Dc)
+    assert mod._aligned8(k) == (Dc % 8 == 0)  # the 16-byte-vector path is the one under test where it should be
+    check(q, k, v, len_B, f"decode B={B} H={H} K={K} D={D} in rows of {Dc}")

@@ -31,8 +31,9 @@ MAX_HEAD_DIM = 256
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, acc_ptr, m_ptr, l_ptr,
-    H, G, D, qk_scale,
+    H, G, qk_scale,
     sqb, sqh, skb, sks, skh, svb, svs, svh, sob, soh,
+    D: tl.constexpr, DK: tl.constexpr, VEC8: tl.constexpr,
     NS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
 ):
     i_b, i_k, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -43,6 +44,10 @@ def _decode_split_kernel(
     g, d = tl.arange(0, BG), tl.arange(0, BD)
     h = i_k * G + g
     gm, dm = g < G, d < D
+    km = d < DK  # cache rows may be padded past D (to a multiple of 8): the pad is read, q's pad is zero
+    if VEC8:  # rows start on 16-byte boundaries: let the loads use 16-byte vectors
+        skb, sks, skh = tl.multiple_of(skb, 8), tl.multiple_of(sks, 8), tl.multiple_of(skh, 8)
+        svb, svs, svh = tl.multiple_of(svb, 8), tl.multiple_of(svs, 8), tl.multiple_of(svh, 8)
     q = tl.load(q_ptr + i_b.to(tl.int64) * sqb + h[:, None] * sqh + d[None, :], mask=gm[:, None] & dm[None, :],
                 other=0.0)
     q = (q.to(tl.float32) * qk_scale).to(k_ptr.dtype.element_ty)  # scale and log2(e) folded into q
@@ -54,7 +59,7 @@ def _decode_split_kernel(
     for n0 in range(start, end, BN):
         n = n0 + tl.arange(0, BN)
         nm = n < end
-        kv_m = nm[:, None] & dm[None, :]
+        kv_m = nm[:, None] & km[None, :]
         k = tl.load(k_row + n[:, None].to(tl.int64) * sks + d[None, :], mask=kv_m, other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -85,8 +90,8 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, H, D, sob, soh,
-                          NS: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+def _decode_reduce_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, H, sob, soh,
+                          D: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     s, d = tl.arange(0, BS), tl.arange(0, BD)
     sm, dm = s < NS, d < D
@@ -112,12 +117,18 @@ def num_splits(B: int, K: int, S: int, device: torch.device, block_n: int) -> in
     return max(1, min(triton.cdiv(2 * sms, B * K), triton.cdiv(S, block_n), 64))
 
 
+def _aligned8(t: torch.Tensor) -> bool:
+    """Every row of t's last dim starts on a 16-byte boundary and holds a whole number of 8-element vectors."""
+    return (t.element_size() == 2 and t.shape[-1] % 8 == 0 and t.data_ptr() % 16 == 0
+            and all(st % 8 == 0 for st in t.stride()[:-1]))
+
+
 def decode_attention_fwd(q_BHD, k_BSKD, v_BSKD, len_B, scale: float) -> torch.Tensor:
     """Launch: o [B, H, D] in q's dtype (fresh, contiguous)."""
     B, H, D = q_BHD.shape
-    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    S, K, DK = k_BSKD.shape[1], k_BSKD.shape[2], k_BSKD.shape[3]
     G = H // K
-    BD = max(16, triton.next_power_of_2(D))
+    BD = max(16, triton.next_power_of_2(DK))
     BG = max(16, triton.next_power_of_2(G))
     BN = 64 if BD <= 128 else 32
     NS = num_splits(B, K, S, q_BHD.device, BN)
@@ -130,15 +141,15 @@ def decode_attention_fwd(q_BHD, k_BSKD, v_BSKD, len_B, scale: float) -> torch.Te
         acc = m = l = o  # unused
     on_gpu = q_BHD.device.type == "cuda"
     _decode_split_kernel[(B, K, NS)](
-        q_BHD, k_BSKD, v_BSKD, len_B, o, acc, m, l, H, G, D, scale * LOG2E,
+        q_BHD, k_BSKD, v_BSKD, len_B, o, acc, m, l, H, G, scale * LOG2E,
         q_BHD.stride(0), q_BHD.stride(1), k_BSKD.stride(0), k_BSKD.stride(1), k_BSKD.stride(2),
         v_BSKD.stride(0), v_BSKD.stride(1), v_BSKD.stride(2), o.stride(0), o.stride(1),
-        NS=NS, BG=BG, BD=BD, BN=BN, IEEE=k_BSKD.dtype == torch.float32,
+        D=D, DK=DK, VEC8=_aligned8(k_BSKD) and _aligned8(v_BSKD), NS=NS, BG=BG, BD=BD, BN=BN, IEEE=k_BSKD.dtype == torch.float32,
         num_warps=4 if on_gpu else 1, num_stages=2 if on_gpu else 1,
     )
     if NS > 1:
-        _decode_reduce_kernel[(B, H)](acc, m, l, o, H, D, o.stride(0), o.stride(1),
-                                      NS=NS, BS=max(2, triton.next_power_of_2(NS)), BD=BD,
+        _decode_reduce_kernel[(B, H)](acc, m, l, o, H, o.stride(0), o.stride(1),
+                                      D=D, NS=NS, BS=max(2, triton.next_power_of_2(NS)), BD=BD,
                                       num_warps=4 if on_gpu else 1)
     return o
 
@@ -147,18 +158,19 @@ def decode_attention(q_BHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Te
                      scale: Optional[float] = None) -> torch.Tensor:
     """Softmax attention of one query per sequence over the first len_B[b] rows of its KV cache (no grad).
 
-    q_BHD [B, H, D]: the new token's queries (RoPE applied); k_BSKD, v_BSKD [B, S, K, D]: the cache (keys after
-    RoPE), K dividing H (query head h reads kv head h // (H / K)); any strides over B, S, K (and B, H of q),
-    unit stride over D. len_B [B] (int32/int64, on the device): valid rows per sequence, each in [1, S] (not
+    q_BHD [B, H, D]: the new token's queries (RoPE applied); k_BSKD, v_BSKD [B, S, K, Dc]: the cache (keys after
+    RoPE), K dividing H (query head h reads kv head h // (H / K)), Dc >= D: columns past D are padding (they must
+    be finite; a head dim of 70 stored in rows of 72 lets 16-bit loads use 16-byte vectors); any strides over
+    B, S, K (and B, H of q), unit stride over the last dim. len_B [B] (int32/int64, on the device): valid rows per sequence, each in [1, S] (not
     checked: the step runs inside CUDA graphs). scale: default 1/sqrt(D). Returns o [B, H, D] in q's dtype.
     The cache may be fp32 (q is cast to it) or fp16/bf16 (fp32 accumulation either way).
     """
     B, H, D = q_BHD.shape
-    if k_BSKD.shape != v_BSKD.shape or k_BSKD.shape[0] != B or k_BSKD.shape[3] != D or H % k_BSKD.shape[2]:
+    if k_BSKD.shape != v_BSKD.shape or k_BSKD.shape[0] != B or k_BSKD.shape[3] < D or H % k_BSKD.shape[2]:
         raise ValueError(f"decode_attention: q {tuple(q_BHD.shape)} [B, H, D] and k/v {tuple(k_BSKD.shape)} / "
-                         f"{tuple(v_BSKD.shape)} [B, S, K, D] do not match (same B and D, K dividing H)")
-    if D > MAX_HEAD_DIM:
-        raise ValueError(f"decode_attention supports head dims up to {MAX_HEAD_DIM}, got {D}")
+                         f"{tuple(v_BSKD.shape)} [B, S, K, Dc] do not match (same B, Dc >= D, K dividing H)")
+    if k_BSKD.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"decode_attention supports head dims up to {MAX_HEAD_DIM}, got {k_BSKD.shape[3]}")
     check_device("decode_attention", q_BHD, k_BSKD, v_BSKD, len_B)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_BHD, k_BSKD, v_BSKD))
     return decode_attention_fwd(q, k, v, len_B, 1.0 / math.sqrt(D) if scale is None else scale)

@@ -41,8 +41,10 @@ class CausalAttention(Mixer):
     biases, Dh = d / heads; RoPE (rotate-half, base `rope_base`) on the first 2*ceil(R/2) channels of q, k
     (R = `rotary_dim`, flash-attn's convention).
     Decode state, preallocated for `max_seqlen` tokens:
-        {"k": [B, max_seqlen, Hkv, Dh], "v": [B, max_seqlen, Hkv, Dh], "pos": int64 [B]}
-    where token p of sequence b (keys stored after rotary) sits at row p; pos = tokens cached so far.
+        {"k": [B, max_seqlen, Hkv, Dc], "v": [B, max_seqlen, Hkv, Dc], "pos": int64 [B]}
+    where token p of sequence b (keys stored after rotary) sits at row p; pos = tokens cached so far; Dc = Dh
+    rounded up to a multiple of 8 (attn-1b's 70 -> 72: rows the decode kernel loads in 16-byte vectors), the
+    padding columns kept zero.
     impl="triton" runs `step`'s attention with the split-K decode kernel
     (`seqmix_kernels.decode_attention`), which reads rows [0, pos] of each sequence only and the grouped KV heads
     once; impl="reference" attends over the whole cache with a mask (SDPA). Training, `prefill` and a forward
@@ -73,6 +75,7 @@ class CausalAttention(Mixer):
         if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
             raise ArgError(f"kv_heads={self.n_kv_heads} must divide heads={self.n_heads}")
         self.head_dim = D // self.n_heads
+        self.cache_dim = -(-self.head_dim // 8) * 8
         try:
             self.rotary_dim = check_rotary_dim(-1 if rotary_dim is None else rotary_dim, self.head_dim)
         except ValueError as e:
@@ -127,8 +130,9 @@ class CausalAttention(Mixer):
             cpos_BP = torch.where(cpos_P < pos_B[:, None], cpos_P, -1)  # rows past a sequence's pos: unused
             kpos_BS = torch.cat([cpos_BP, qpos_BT], 1)
             mask_B1TS = ((kpos_BS[:, None, :] <= qpos_BT[:, :, None]) & (kpos_BS[:, None, :] >= 0))[:, None]
-            k_BSKD = torch.cat([state["k"][:, :P].to(k_BTKD.dtype), k_BTKD], 1)
-            v_BSKD = torch.cat([state["v"][:, :P].to(v_BTKD.dtype), v_BTKD], 1)
+            Dh = self.head_dim
+            k_BSKD = torch.cat([state["k"][:, :P, :, :Dh].to(k_BTKD.dtype), k_BTKD], 1)
+            v_BSKD = torch.cat([state["v"][:, :P, :, :Dh].to(v_BTKD.dtype), v_BTKD], 1)
             o_BTHD = self._sdpa(q_BTHD, k_BSKD, v_BSKD, mask_B1TS)
         y_BTD = self.out_proj(o_BTHD.reshape(B, T, D))
         if not return_state:
@@ -154,12 +158,12 @@ class CausalAttention(Mixer):
         pos_B = state["pos"]
         row_BT = pos_B[:, None] + torch.arange(T, device=pos_B.device)
         b_B1 = torch.arange(B, device=pos_B.device)[:, None]
-        state["k"][b_B1, row_BT] = k_BTKD.to(state["k"].dtype)
-        state["v"][b_B1, row_BT] = v_BTKD.to(state["v"].dtype)
+        state["k"][b_B1, row_BT, :, :self.head_dim] = k_BTKD.to(state["k"].dtype)
+        state["v"][b_B1, row_BT, :, :self.head_dim] = v_BTKD.to(state["v"].dtype)
         pos_B.add_(T)
 
     def init_state(self, batch_size, *, max_seqlen, device=None, dtype=torch.float32):
-        shape = (batch_size, max_seqlen, self.n_kv_heads, self.head_dim)
+        shape = (batch_size, max_seqlen, self.n_kv_heads, self.cache_dim)
         return {
             "k": torch.zeros(shape, device=device, dtype=dtype),
             "v": torch.zeros(shape, device=device, dtype=dtype),
@@ -183,14 +187,16 @@ class CausalAttention(Mixer):
             )
         q_B1HD, k_B1KD, v_B1KD = self._qkv(x_BD[:, None], pos_B)
         b_B = torch.arange(B, device=pos_B.device)
-        state["k"][b_B, pos_B] = k_B1KD[:, 0].to(state["k"].dtype)
-        state["v"][b_B, pos_B] = v_B1KD[:, 0].to(state["v"].dtype)
+        Dh = self.head_dim
+        state["k"][b_B, pos_B, :, :Dh] = k_B1KD[:, 0].to(state["k"].dtype)
+        state["v"][b_B, pos_B, :, :Dh] = v_B1KD[:, 0].to(state["v"].dtype)
         kernel = self.ops["impl"]
         if kernel is not None:  # rows [0, pos] of each sequence, nothing past them
             o_BHD = kernel(q_B1HD[:, 0], state["k"], state["v"], pos_B + 1)
         else:
             valid_B11S = (torch.arange(S, device=pos_B.device) <= pos_B[:, None])[:, None, None]
-            o_BHD = self._sdpa(q_B1HD, state["k"].to(q_B1HD.dtype), state["v"].to(q_B1HD.dtype), valid_B11S)[:, 0]
+            k_BSKD, v_BSKD = (state[n][..., :Dh].to(q_B1HD.dtype) for n in "kv")
+            o_BHD = self._sdpa(q_B1HD, k_BSKD, v_BSKD, valid_B11S)[:, 0]
         pos_B.add_(1)
         return self.out_proj(o_BHD.reshape(B, D)), state
 
