@@ -45,9 +45,10 @@ def _decode_split_kernel(
     h = i_k * G + g
     gm, dm = g < G, d < D
     km = d < DK  # cache rows may be padded past D (to a multiple of 8): the pad is read, q's pad is zero
-    if VEC8:  # rows start on 16-byte boundaries: let the loads use 16-byte vectors
-        skb, sks, skh = tl.multiple_of(skb, 8), tl.multiple_of(sks, 8), tl.multiple_of(skh, 8)
-        svb, svs, svh = tl.multiple_of(svb, 8), tl.multiple_of(svs, 8), tl.multiple_of(svh, 8)
+    if VEC8:  # every stride is a multiple of 8 (the launcher checked): written so the compiler sees it too, so
+        # rows start on 16-byte boundaries and the loads use 16-byte vectors
+        skb, sks, skh = (skb // 8) * 8, (sks // 8) * 8, (skh // 8) * 8
+        svb, svs, svh = (svb // 8) * 8, (svs // 8) * 8, (svh // 8) * 8
     q = tl.load(q_ptr + i_b.to(tl.int64) * sqb + h[:, None] * sqh + d[None, :], mask=gm[:, None] & dm[None, :],
                 other=0.0)
     q = (q.to(tl.float32) * qk_scale).to(k_ptr.dtype.element_ty)  # scale and log2(e) folded into q
