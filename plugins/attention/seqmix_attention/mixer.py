@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.mixer import Arg, ArgError, BlockContext, Impl, Mixer, State, resolve_heads
-from seqmix_kernels.rotary import check_rotary_dim, rotary_ref
+from seqmix.mixer import Arg, ArgError, BlockContext, Impl, Mixer, State, resolve_heads, triton_kernel
+from seqmix_kernels.rotary import check_rotary_dim, rotary_fn
 
-
-IMPLS = {"reference": Impl("reference")}  # PyTorch SDPA (is_causal for a fresh sequence, masked otherwise)
+# impl -> the rotary op; the attention is PyTorch SDPA on both (is_causal for a fresh sequence, masked otherwise).
+IMPLS = {"triton": Impl("kernel", triton_kernel, load=lambda: rotary_fn("triton")),
+         "reference": Impl("reference", load=lambda: rotary_fn("reference"))}
 
 
 def _capturing() -> bool:
@@ -43,7 +44,8 @@ class CausalAttention(Mixer):
                  "(R = 35 rotates 36); default the full head dim"),
         Arg("rope_base", float, 10000.0, min=1.0, positional=False, help="RoPE frequency base"),
         Arg("impl", str, "auto", choices=("auto", *IMPLS), positional=False,
-            help="attention path; auto = the best one that can run on the layer's device"),
+            help="rotary path (attention is SDPA on both): triton = the fused rotary kernel; auto = triton for a "
+                 "layer on a CUDA device"),
     )
     state_kind = "cache"
 
@@ -73,8 +75,9 @@ class CausalAttention(Mixer):
         B, T, _ = x_BTD.shape
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         q_BTHD, k_BTKD, v_BTKD = self.Wqkv(x_BTD).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
-        q_BTHD = rotary_ref(q_BTHD.view(B, T, H, Dh), pos, self.rotary_dim, self.rope_base)
-        k_BTKD = rotary_ref(k_BTKD.view(B, T, Hkv, Dh), pos, self.rotary_dim, self.rope_base)
+        rotary = self.ops["impl"]
+        q_BTHD = rotary(q_BTHD.view(B, T, H, Dh), pos, self.rotary_dim, self.rope_base)
+        k_BTKD = rotary(k_BTKD.view(B, T, Hkv, Dh), pos, self.rotary_dim, self.rope_base)
         return q_BTHD, k_BTKD, v_BTKD.view(B, T, Hkv, Dh)
 
     def _sdpa(self, q_BTHD, k_BSKD, v_BSKD, mask_B1TS=None) -> torch.Tensor:

@@ -8,19 +8,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.mixer import Arg, ArgError, BlockContext, Impl, Mixer, State, resolve_heads, triton_kernel
-from seqmix_kernels.rotary import check_rotary_dim, rotary_ref
+from seqmix_kernels.rotary import check_rotary_dim, rotary_fn
 
 
 def _load_kernel():
     from seqmix_swa.kernel import swa_attn  # imports triton; only when chosen
 
-    return swa_attn
+    return swa_attn, rotary_fn("triton")
 
 
-# impl -> the fresh-sequence attention: the banded Triton kernel (a head in one tile), or None: the SDPA band.
+# impl -> (the fresh-sequence attention, the rotary op): the banded Triton kernel (a head in one tile) and the
+# Triton rotary, or (None: the SDPA band, the PyTorch rotary).
 IMPLS = {"triton": Impl("kernel", triton_kernel, load=_load_kernel, fits=lambda m: None if m.head_dim <= 128 else
                         f"the kernel supports head dims up to 128, this layer has {m.head_dim}"),
-         "reference": Impl("reference")}
+         "reference": Impl("reference", load=lambda: (None, rotary_fn("reference")))}
 
 
 def ring_positions(pos_B: torch.Tensor, window: int) -> torch.Tensor:
@@ -88,8 +89,9 @@ class SlidingWindowAttention(Mixer):
         """q, k, v [B, T, H, Dh] for tokens at positions pos + t, RoPE applied to q and k."""
         B, T, _ = x_BTD.shape
         q_BTHD, k_BTHD, v_BTHD = self.Wqkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
-        q_BTHD = rotary_ref(q_BTHD, pos, self.rotary_dim)
-        k_BTHD = rotary_ref(k_BTHD, pos, self.rotary_dim)
+        rotary = self.ops["impl"][1]
+        q_BTHD = rotary(q_BTHD, pos, self.rotary_dim)
+        k_BTHD = rotary(k_BTHD, pos, self.rotary_dim)
         return q_BTHD, k_BTHD, v_BTHD
 
     @staticmethod
@@ -132,7 +134,7 @@ class SlidingWindowAttention(Mixer):
         """y [B, T, D] of a sequence from position 0, and its k, v [B, T, H, Dh] (RoPE applied to k)."""
         B, T, D = x_BTD.shape
         q_BTHD, k_BTHD, v_BTHD = self._qkv(x_BTD, 0)
-        kernel = self.ops["impl"]
+        kernel = self.ops["impl"][0]
         if kernel is not None:
             o_BTHD = kernel(q_BTHD, k_BTHD, v_BTHD, self.window)
         else:
