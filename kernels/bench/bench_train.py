@@ -155,6 +155,12 @@ def markdown(rows: list[dict], device_name: str) -> str:
         mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
         out.append(lead + f" {r['timed_steps']} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:,.0f} | {vs} | "
                    f"{pct(r['mfu'])} | {mem} |" + prof)
+    details = [r for r in rows if r.get("top_kernels")]
+    if details:
+        out += ["", "Top device kernels per row (by time per step; name, launches per step, ms per step):", ""]
+        for r in details:
+            tops = "; ".join(f"{k['name']} ({k['per_step']:.0f}, {k['ms_per_step']:.1f})" for k in r["top_kernels"][:8])
+            out.append(f"- {_label(r)} @ {r['seq_len']}: {tops}")
     return "\n".join(out)
 
 
@@ -162,7 +168,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipes", nargs="*", default=["based-360m", "attn-360m"], help="seqmix recipe names")
     ap.add_argument("--seq-lens", nargs="+", type=int, default=[2048, 8192])
-    ap.add_argument("--tokens-per-step", type=int, default=32768, help="micro batch = this / seq_len sequences")
+    ap.add_argument("--tokens-per-step", type=int, default=65536, help="micro batch = this / seq_len sequences")
+    ap.add_argument("--row-tokens", nargs="*", default=["llama-eager=32768", "llama-compiled=32768"],
+                    metavar="KEY=TOKENS", help="tokens per step for some rows (llama-<variant> or a recipe): the "
+                    "fp32-weight Llama variants hold fp32 logits, 65536 tokens of them may not fit")
     ap.add_argument("--engines", nargs="+", default=["ds1"], choices=["ds0", "ds1", "ds2", "plain"])
     ap.add_argument("--engines-at", type=int, default=None,
                     help="run the extra --engines only at this seq len and for the first recipe (default: all)")
@@ -196,18 +205,22 @@ def main(argv=None) -> int:
             flops_cache[arch, seq] = causal_flops_per_token(lm, seq)
         return flops_cache[arch, seq]
 
+    row_tokens = {k: int(v) for k, _, v in (item.partition("=") for item in args.row_tokens)}
+
+    def micro_for(key: str, T: int) -> int:
+        return max(1, row_tokens.get(key, args.tokens_per_step) // T)
+
     plan = []
     for T in args.seq_lens:
-        micro = max(1, args.tokens_per_step // T)
         for v in (args.llama if T <= 2048 else [v for v in args.llama if v in args.llama_at_long]):
-            plan.append({"kind": "llama", "variant": v, "seq_len": T, "micro_batch": micro})
+            plan.append({"kind": "llama", "variant": v, "seq_len": T, "micro_batch": micro_for(f"llama-{v}", T)})
         for i, name in enumerate(args.recipes):
             for eng in args.engines:
                 if eng != args.engines[0] and args.engines_at is not None and (T != args.engines_at or i):
                     continue
                 for c in args.compile:
                     plan.append({"kind": "seqmix", "recipe": name, "engine": eng, "compile": c == "on",
-                                 "seq_len": T, "micro_batch": micro})
+                                 "seq_len": T, "micro_batch": micro_for(name, T)})
     device_name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "CPU"
     out = Path(args.out) if args.out else None
     if out:

@@ -8,8 +8,10 @@ from typing import Callable, Optional
 
 import torch
 
+# Kernel classes by name: attention and sequence-mixer kernels first (cuDNN's SDPA kernels say "wgmma" too), then
+# matrix products (cuBLAS / CUTLASS), then everything else (norms, casts, optimizer, inductor fusions, copies).
+MIXER = re.compile(r"flash|fmha|sdpa|attention|_swa_|_based|_parallel_|_attn_|_state_|_out_|short_conv", re.I)
 GEMM = re.compile(r"gemm|cutlass|nvjet|xmma|wgmma|cublas|splitK", re.I)
-ATTN = re.compile(r"flash|fmha|attention|_swa_|_based_|_parallel_|_attn_|_state_|_out_", re.I)
 
 
 def sync() -> None:
@@ -65,12 +67,19 @@ def profile_steps(step: Callable[[], torch.Tensor], n: int = 2) -> dict:
         wall_us = (time.perf_counter() - t0) * 1e6
     dev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     spans = [(e.time_range.start, e.time_range.end) for e in dev]
-    gemm = sum(e.time_range.elapsed_us() for e in dev if GEMM.search(e.name))
-    attn = sum(e.time_range.elapsed_us() for e in dev if not GEMM.search(e.name) and ATTN.search(e.name))
+    by = {"mixer": 0.0, "gemm": 0.0, "other": 0.0}
+    names: dict[str, list] = {}
+    for e in dev:
+        us = e.time_range.elapsed_us()
+        by["mixer" if MIXER.search(e.name) else "gemm" if GEMM.search(e.name) else "other"] += us
+        rec = names.setdefault(e.name[:90], [0, 0.0])
+        rec[0] += 1
+        rec[1] += us
+    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:12]
     busy = _union_us(spans)
-    total = sum(e.time_range.elapsed_us() for e in dev)
-    return {"launches_per_step": len(dev) / n, "gemm_share": gemm / wall_us, "mixer_share": attn / wall_us,
-            "other_share": max(0.0, total - gemm - attn) / wall_us, "idle_share": max(0.0, 1 - busy / wall_us)}
+    return {"launches_per_step": len(dev) / n, "gemm_share": by["gemm"] / wall_us, "mixer_share": by["mixer"] / wall_us,
+            "other_share": by["other"] / wall_us, "idle_share": max(0.0, 1 - busy / wall_us),
+            "top_kernels": [{"name": k, "per_step": c / n, "ms_per_step": us / n / 1e3} for k, (c, us) in top]}
 
 
 def causal_flops_per_token(lm, seqlen: int) -> float:
