@@ -221,6 +221,8 @@ def main(argv=None) -> int:
                 for c in args.compile:
                     plan.append({"kind": "seqmix", "recipe": name, "engine": eng, "compile": c == "on",
                                  "seq_len": T, "micro_batch": micro_for(name, T)})
+    # the first engine's rows and the peer first (the table the targets read), then the extra engines
+    plan.sort(key=lambda r: r["kind"] == "seqmix" and r["engine"] != args.engines[0])
     device_name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "CPU"
     out = Path(args.out) if args.out else None
     if out:
