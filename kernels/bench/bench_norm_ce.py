@@ -157,7 +157,10 @@ def main() -> None:
             lines += section(bw, budget)
             write(args.out, "norm_ce.md", lines)
     if "ce" in args.sections:
-        lines += ce_section(budget, lambda part: write(args.out, "norm_ce.md", lines + ["## LM-head cross-entropy"] + part))
+        def flush(part):
+            write(args.out, "norm_ce.md", lines + ["## LM-head cross-entropy"] + part)
+
+        lines += ce_section(budget, flush)
     write(args.out, "norm_ce.md", lines)
     print("\n".join(lines))
 
