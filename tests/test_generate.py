@@ -344,8 +344,9 @@ def test_cuda_prefill_takes_the_swa_kernel_and_the_causal_fast_path(monkeypatch)
     swa = model.blocks[0].mixer
     assert swa.impl == "triton"
     seen = []
-    kernel, step_kernel = swa.ops["impl"]
-    swa.ops["impl"] = (lambda q, k, v, w: seen.append(("swa kernel", q.shape[1])) or kernel(q, k, v, w), step_kernel)
+    kernel = swa.ops["impl"].fresh
+    swa.ops["impl"] = swa.ops["impl"]._replace(
+        fresh=lambda q, k, v, w: seen.append(("swa kernel", q.shape[1])) or kernel(q, k, v, w))
     sdpa = F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, is_causal=False, **kw):

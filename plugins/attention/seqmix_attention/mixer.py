@@ -1,30 +1,37 @@
 """`attn`: causal softmax attention with RoPE and grouped KV heads, decoded from a preallocated KV cache."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Union
+from typing import Callable, Mapping, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from seqmix.mixer import Arg, ArgError, BlockContext, Impl, Mixer, State, resolve_heads, triton_kernel
-from seqmix_kernels.rotary import check_rotary_dim, rotary_ref
+from seqmix_kernels.rotary import check_rotary_dim, rotary_fn
 
 
-def _load_decode_kernel():
+class AttnOps(NamedTuple):
+    """What an impl gives the mixer: the rotary op, and the decode step's attention (None: masked SDPA)."""
+
+    rotary: Callable
+    decode: Optional[Callable]
+
+
+def _load_kernels() -> AttnOps:
     from seqmix_kernels.decode_attention.triton import decode_attention  # imports triton; only when chosen
 
-    return decode_attention
+    return AttnOps(rotary_fn("triton"), decode_attention)
 
 
 def _fits_decode_kernel(m) -> Optional[str]:
     return None if m.head_dim <= 256 else f"the decode kernel supports head dims up to 256, this layer has {m.head_dim}"
 
 
-# impl -> the decode step's attention: the split-K Triton kernel over each sequence's cached rows, or None: SDPA
-# over the whole cache, masked. A fresh sequence (training, prefill) runs SDPA's causal kernel on every impl.
-IMPLS = {"triton": Impl("kernel", triton_kernel, load=_load_decode_kernel, fits=_fits_decode_kernel),
-         "reference": Impl("reference")}
+# impl -> AttnOps: the Triton rotary and the split-K decode kernel over each sequence's cached rows, or the PyTorch
+# rotary and SDPA over the whole cache, masked. A fresh sequence (training, prefill) runs SDPA's causal kernel on both.
+IMPLS = {"triton": Impl("kernel", triton_kernel, load=_load_kernels, fits=_fits_decode_kernel),
+         "reference": Impl("reference", load=lambda: AttnOps(rotary_fn("reference"), None))}
 
 
 def _capturing() -> bool:
@@ -45,7 +52,7 @@ class CausalAttention(Mixer):
     where token p of sequence b (keys stored after rotary) sits at row p; pos = tokens cached so far; Dc = Dh
     rounded up to a multiple of 8 (attn-1b's 70 -> 72: rows the decode kernel loads in 16-byte vectors), the
     padding columns kept zero.
-    impl="triton" runs `step`'s attention with the split-K decode kernel
+    impl="triton" runs the rotary with its Triton kernel and `step`'s attention with the split-K decode kernel
     (`seqmix_kernels.decode_attention`), which reads rows [0, pos] of each sequence only and the grouped KV heads
     once; impl="reference" attends over the whole cache with a mask (SDPA). Training, `prefill` and a forward
     that continues a state use SDPA on both.
@@ -62,7 +69,8 @@ class CausalAttention(Mixer):
                  "(R = 35 rotates 36); default the full head dim"),
         Arg("rope_base", float, 10000.0, min=1.0, positional=False, help="RoPE frequency base"),
         Arg("impl", str, "auto", choices=("auto", *IMPLS), positional=False,
-            help="decode-step attention; auto = the Triton kernel for a layer on a CUDA device"),
+            help="triton = the rotary and decode-step attention kernels (fresh sequences use SDPA on both); "
+                 "auto = triton for a layer on a CUDA device"),
     )
     state_kind = "cache"
 
@@ -93,8 +101,9 @@ class CausalAttention(Mixer):
         B, T, _ = x_BTD.shape
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         q_BTHD, k_BTKD, v_BTKD = self.Wqkv(x_BTD).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
-        q_BTHD = rotary_ref(q_BTHD.view(B, T, H, Dh), pos, self.rotary_dim, self.rope_base)
-        k_BTKD = rotary_ref(k_BTKD.view(B, T, Hkv, Dh), pos, self.rotary_dim, self.rope_base)
+        rotary = self.ops["impl"].rotary
+        q_BTHD = rotary(q_BTHD.view(B, T, H, Dh), pos, self.rotary_dim, self.rope_base)
+        k_BTKD = rotary(k_BTKD.view(B, T, Hkv, Dh), pos, self.rotary_dim, self.rope_base)
         return q_BTHD, k_BTKD, v_BTKD.view(B, T, Hkv, Dh)
 
     def _sdpa(self, q_BTHD, k_BSKD, v_BSKD, mask_B1TS=None) -> torch.Tensor:
@@ -190,7 +199,7 @@ class CausalAttention(Mixer):
         Dh = self.head_dim
         state["k"][b_B, pos_B, :, :Dh] = k_B1KD[:, 0].to(state["k"].dtype)
         state["v"][b_B, pos_B, :, :Dh] = v_B1KD[:, 0].to(state["v"].dtype)
-        kernel = self.ops["impl"]
+        kernel = self.ops["impl"].decode
         if kernel is not None:  # rows [0, pos] of each sequence, nothing past them
             o_BHD = kernel(q_B1HD[:, 0], state["k"], state["v"], pos_B + 1)
         else:
