@@ -278,7 +278,9 @@ def generate(
         CUDA graphs). None draws from torch's global generator.
     callback(i, tokens_B): called after each new token (i counts from 0), e.g. to stream text.
     cuda_graph: capture the decode step in a CUDA graph; default True on CUDA.
-    compile: torch.compile the decode step (before the capture); the tokens are the eager step's.
+    compile: torch.compile the decode step (before the capture); the tokens are the eager step's. Each batch
+        size (and KV-cache length) compiles once; past torch._dynamo.config.cache_size_limit shapes (default 8)
+        dynamo falls back to the eager step.
     prefill_tokens: at most this many prompt tokens per prefill forward (bounds prefill memory).
     """
     params = SamplingParams(temperature, top_k, top_p)

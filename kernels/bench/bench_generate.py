@@ -206,6 +206,8 @@ def parse_args(argv=None):
 def main(argv=None) -> str:
     args = parse_args(argv)
     device = args.device
+    if args.compile:  # one compiled step per batch size (and cache length): more than dynamo's default 8
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU {platform.machine()} ({torch.get_num_threads()} threads)")
     meta = dict(date=datetime.date.today().isoformat(), device=name, torch=torch.__version__,
