@@ -161,10 +161,12 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     assert not (run_dir / "checkpoints/step00000002").exists() and not (run_dir / "model").exists()
 
 
-def test_an_infinite_gradient_norm_stops_the_run_naming_the_step(cache, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_an_infinite_gradient_norm_stops_the_run_naming_the_step(cache, tmp_path, dtype):
     # lr 1e6 (after one warmup step at 5e4): the loss stays finite but every gradient overflows from step 2 on.
+    # bf16: DeepSpeed's own overflow check is off (ds_config), so this guard is what stops the run.
     run_dir = tmp_path / "run"
-    proc = _run(run_dir, cache, "optim.lr=1e6", "train.steps=4", "train.save_every=1", rc=3)
+    proc = _run(run_dir, cache, "optim.lr=1e6", "train.steps=4", "train.save_every=1", f"train.dtype={dtype}", rc=3)
     err = " ".join(proc.stderr.split())
     assert "the gradient norm is inf at step 2" in err and "step00000001" in err, err
     assert not (run_dir / "checkpoints/step00000002").exists() and not (run_dir / "model").exists()
