@@ -19,7 +19,7 @@ import time
 import torch
 
 from benchlib import TOKENS, TS, Budget, copy_bandwidth, fmt, header, median_ms, ratio, table, try_ms, write
-from seqmix_mamba.kernel import ScanConfig, default_configs, selective_scan, selective_state_update
+from seqmix_mamba.kernel import default_configs, selective_scan, selective_state_update
 from seqmix_mamba.naive import selective_scan_chunked, selective_state_update_ref
 
 E, N, R = 2048, 16, 64
@@ -106,11 +106,11 @@ def scan_table(budget, bw, peer, peer_note, lines, out):
 
 
 def sweep_table(budget, lines, out):
-    """Forward and forward+backward under a few launch configs at T = 2k and 16k."""
+    """Forward and forward+backward under other launch configs than the defaults, at T = 2k and 16k."""
     f0, b0 = default_configs(torch.device("cuda"))
-    cands = [("fwd", ScanConfig(32, 1)), ("fwd", ScanConfig(64, 2)), ("fwd", ScanConfig(128, 4)),
-             ("fwd", ScanConfig(128, 2)), ("fwd", ScanConfig(64, 1)), ("bwd", ScanConfig(32, 1)),
-             ("bwd", ScanConfig(64, 2)), ("bwd", ScanConfig(16, 1)), ("chunk", 32), ("chunk", 128)]
+    cands = [("fwd", f0._replace(block_e=32, num_warps=1)), ("fwd", f0._replace(block_e=128, num_warps=4)),
+             ("fwd", f0._replace(block_e=128, num_warps=2)), ("bwd", b0._replace(block_e=16)),
+             ("bwd", b0._replace(block_e=64, num_warps=2)), ("chunk", 16), ("chunk", 64), ("chunk", 128)]
     rows = []
     for T in (2048, 16384):
         ins = scan_inputs(TOKENS // T, T)

@@ -53,10 +53,10 @@ def _load_step(u_base, x_base, b_base, t, sut, sxt, sbt, em, nm, bias, SOFTPLUS:
     return u, _dt(x, SOFTPLUS), b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PAD"])
 def _scan_fwd_kernel(
     u_ptr, x_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, h0_ptr, y_ptr, hT_ptr, ck_ptr, dts_ptr,
-    T, E, N, SEG, S, n_chunks, sub, sut, sxb, sxt, szb, szt, sbb, sbt, scb, sct,
+    T, E, N, SEG, S, n_chunks, PAD, sub, sut, sxb, sxt, szb, szt, sbb, sbt, scb, sct,
     NP: tl.constexpr, BE: tl.constexpr, CHUNK: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, STORE_Y: tl.constexpr,
     STORE_CK: tl.constexpr, STORE_DTS: tl.constexpr,
@@ -67,7 +67,10 @@ def _scan_fwd_kernel(
     n = tl.arange(0, NP)
     em, nm = e < E, n < N
     m2 = nm[:, None] & em[None, :]
-    st_off = e[None, :] * N + n[:, None]  # [N, BE] into an [E, N] block
+    # [N, BE] tiles of [N, E] buffers. PAD is a runtime 0 the compiler cannot see through: it keeps the 2-D loads
+    # and stores unvectorised, so their layout is the loop's (a thread per channel, all N states in its registers)
+    # and the step loop needs no layout conversions.
+    st_off = n[:, None] * E + e[None, :] + PAD
     A2 = tl.load(a_ptr + st_off, mask=m2, other=0.0).to(tl.float32) * 1.4426950408889634
     bias = tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros([BE], tl.float32)
     Dv = tl.load(d_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_D else tl.zeros([BE], tl.float32)
@@ -80,7 +83,7 @@ def _scan_fwd_kernel(
     b64 = i_b.to(tl.int64)
     u_base, x_base = u_ptr + b64 * sub + e, x_ptr + b64 * sxb + e
     z_base, b_base, c_base = z_ptr + b64 * szb + e, b_ptr + b64 * sbb + n, c_ptr + b64 * scb + n
-    ck_base = ck_ptr + b64 * n_chunks * N * E + n[:, None] * E + e[None, :]  # [B, chunks, N, E]
+    ck_base = ck_ptr + b64 * n_chunks * N * E + st_off  # [B, chunks, N, E]
     dts = tl.zeros([BE], tl.float32)
     t_pre = tl.minimum(t0, T - 1)
     u_n = tl.load(u_base + t_pre * sut, mask=em, other=0.0)
@@ -115,10 +118,10 @@ def _scan_fwd_kernel(
         tl.store(dts_ptr + i_bs.to(tl.int64) * E + e, dts, mask=em)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PAD"])
 def _scan_bwd_adjoint_kernel(
     x_ptr, z_ptr, c_ptr, a_ptr, bias_ptr, dy_ptr, gz_ptr, dts_ptr,
-    T, E, N, SEG, S, sxb, sxt, szb, szt, scb, sct,
+    T, E, N, SEG, S, PAD, sxb, sxt, szb, szt, scb, sct,
     NP: tl.constexpr, BE: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """Segmented backward, pass 1: g = dL/dh_{t0-1} of each segment with zero gradient entering at its end
@@ -129,7 +132,7 @@ def _scan_bwd_adjoint_kernel(
     n = tl.arange(0, NP)
     em, nm = e < E, n < N
     m2 = nm[:, None] & em[None, :]
-    st_off = e[None, :] * N + n[:, None]
+    st_off = n[:, None] * E + e[None, :] + PAD
     A2 = tl.load(a_ptr + st_off, mask=m2, other=0.0).to(tl.float32) * 1.4426950408889634
     bias = tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros([BE], tl.float32)
     t0 = i_s * SEG
@@ -151,11 +154,11 @@ def _scan_bwd_adjoint_kernel(
     tl.store(dts_ptr + i_bs.to(tl.int64) * E + e, dts, mask=em)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["PAD"])
 def _scan_bwd_kernel(
     u_ptr, x_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, ck_ptr, dy_ptr, g0_ptr,
     du_ptr, dx_ptr, dz_ptr, dbp_ptr, dcp_ptr, dap_ptr, ddp_ptr, dbiasp_ptr, dh0_ptr, scr_ptr,
-    T, E, N, SEG, S, n_chunks, n_eblk, sub, sut, sxb, sxt, szb, szt, sbb, sbt, scb, sct,
+    T, E, N, SEG, S, n_chunks, n_eblk, PAD, sub, sut, sxb, sxt, szb, szt, sbb, sbt, scb, sct,
     NP: tl.constexpr, BE: tl.constexpr, CHUNK: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_G0: tl.constexpr,
 ):
@@ -165,7 +168,7 @@ def _scan_bwd_kernel(
     n = tl.arange(0, NP)
     em, nm = e < E, n < N
     m2 = nm[:, None] & em[None, :]
-    st_off = e[None, :] * N + n[:, None]
+    st_off = n[:, None] * E + e[None, :] + PAD
     A = tl.load(a_ptr + st_off, mask=m2, other=0.0).to(tl.float32)
     A2 = A * 1.4426950408889634
     bias = tl.load(bias_ptr + e, mask=em, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros([BE], tl.float32)
@@ -179,9 +182,9 @@ def _scan_bwd_kernel(
     b64 = i_b.to(tl.int64)
     u_base, x_base = u_ptr + b64 * sub + e, x_ptr + b64 * sxb + e
     z_base, b_base, c_base = z_ptr + b64 * szb + e, b_ptr + b64 * sbb + n, c_ptr + b64 * scb + n
-    ck_base = ck_ptr + b64 * n_chunks * N * E + n[:, None] * E + e[None, :]
+    ck_base = ck_ptr + b64 * n_chunks * N * E + st_off
     pid = i_bs.to(tl.int64) * n_eblk + i_e
-    scr = scr_ptr + pid * CHUNK * NP * BE + n[:, None] * BE + tl.arange(0, BE)[None, :]  # [CHUNK, NP, BE]
+    scr = scr_ptr + pid * CHUNK * NP * BE + n[:, None] * BE + tl.arange(0, BE)[None, :] + PAD  # [CHUNK, NP, BE]
     da_acc = tl.zeros([NP, BE], tl.float32)
     dd_acc = tl.zeros([BE], tl.float32)
     dbias_acc = tl.zeros([BE], tl.float32)
@@ -274,10 +277,12 @@ def _state_update_kernel(
 
 # -- launchers ------------------------------------------------------------------------------------------------
 def default_configs(device: torch.device) -> tuple[ScanConfig, ScanConfig]:
-    """(forward, backward). Under the interpreter (CPU) small blocks and chunks, so test shapes span several."""
+    """(forward, backward). One channel per thread (block_e = 32 * warps keeps the step loop free of layout
+    conversions). The backward's scratch of recomputed states is chunk * N * 4 bytes per channel in flight; 32
+    steps keep most of it in L2. Under the interpreter (CPU) short chunks, so test shapes span several."""
     if device.type != "cuda":
         return ScanConfig(32, 1, 8), ScanConfig(32, 1, 8)
-    return ScanConfig(64, 2, 64), ScanConfig(32, 1, 64)
+    return ScanConfig(64, 2, 32), ScanConfig(32, 1, 32)
 
 
 def _split(T: int, programs: int, cfg: ScanConfig, chunk: int, device: torch.device, per_sm: int):
@@ -299,23 +304,26 @@ def _strides(t: Optional[torch.Tensor]) -> tuple[int, int]:
 
 
 def scan_fwd(u, x, A, Bm, Cm, D, z, bias, h0, softplus: bool, cfg: ScanConfig):
-    """(y [B, T, E] in u's dtype, final state [B, E, N] fp32, checkpoints [B, chunks, N, E] fp32)."""
+    """(y [B, T, E] in u's dtype, final state [B, E, N] fp32, checkpoints [B, chunks, N, E] fp32).
+    The kernels see A, states and checkpoints as [.., N, E] (channels contiguous)."""
     Bsz, T, E = u.shape
     N = A.shape[1]
+    A = A.t().contiguous()  # [N, E]
+    h0 = None if h0 is None else h0.transpose(1, 2).contiguous()
     BE, chunk = cfg.block_e, cfg.chunk
     n_eblk = triton.cdiv(E, BE)
     S, seg = _split(T, Bsz * n_eblk, cfg, chunk, u.device, per_sm=8)
     n_chunks = triton.cdiv(T, chunk)
     y = torch.empty(Bsz, T, E, device=u.device, dtype=u.dtype)
     ck = torch.empty(Bsz, n_chunks, N, E, device=u.device, dtype=torch.float32)
-    hT = torch.empty(Bsz * S, E, N, device=u.device, dtype=torch.float32)
+    hT = torch.empty(Bsz * S, N, E, device=u.device, dtype=torch.float32)
     strides = (*_strides(u), *_strides(x), *_strides(z), *_strides(Bm), *_strides(Cm))
 
     def launch(h_in, h_out, dts, store_y):
         _scan_fwd_kernel[(n_eblk, Bsz * S)](
             u, x, z if z is not None else u, Bm, Cm, A, D if D is not None else A, bias if bias is not None else A,
             h_in if h_in is not None else A, y, h_out, ck, dts if dts is not None else A,
-            T, E, N, seg, S, n_chunks, *strides,
+            T, E, N, seg, S, n_chunks, 0, *strides,
             NP=triton.next_power_of_2(N), BE=BE, CHUNK=chunk, SOFTPLUS=softplus, HAS_Z=z is not None,
             HAS_D=D is not None, HAS_BIAS=bias is not None, HAS_H0=h_in is not None, STORE_Y=store_y,
             STORE_CK=store_y, STORE_DTS=dts is not None, num_warps=cfg.num_warps,
@@ -323,19 +331,19 @@ def scan_fwd(u, x, A, Bm, Cm, D, z, bias, h0, softplus: bool, cfg: ScanConfig):
 
     if S == 1:
         launch(h0, hT, None, True)
-        return y, hT, ck
-    hz = torch.empty(Bsz * S, E, N, device=u.device, dtype=torch.float32)
+        return y, hT.transpose(1, 2).contiguous(), ck
+    hz = torch.empty(Bsz * S, N, E, device=u.device, dtype=torch.float32)
     dts = torch.empty(Bsz * S, E, device=u.device, dtype=torch.float32)
     launch(None, hz, dts, False)  # pass 1: every segment from zero
-    hz, dts = hz.view(Bsz, S, E, N), dts.view(Bsz, S, E)
-    h_in = torch.empty(Bsz, S, E, N, device=u.device, dtype=torch.float32)
-    cur = torch.zeros(Bsz, E, N, device=u.device, dtype=torch.float32) if h0 is None else h0.float()
+    hz, dts = hz.view(Bsz, S, N, E), dts.view(Bsz, S, E)
+    h_in = torch.empty(Bsz, S, N, E, device=u.device, dtype=torch.float32)
+    cur = torch.zeros(Bsz, N, E, device=u.device, dtype=torch.float32) if h0 is None else h0.float()
     for s in range(S):
         h_in[:, s] = cur
         if s < S - 1:
-            cur = torch.exp(A * dts[:, s, :, None]) * cur + hz[:, s]
-    launch(h_in.view(Bsz * S, E, N), hT, None, True)  # pass 2: from the true segment starts
-    return y, hT.view(Bsz, S, E, N)[:, -1], ck
+            cur = torch.exp(A * dts[:, s, None, :]) * cur + hz[:, s]
+    launch(h_in.view(Bsz * S, N, E), hT, None, True)  # pass 2: from the true segment starts
+    return y, hT.view(Bsz, S, N, E)[:, -1].transpose(1, 2).contiguous(), ck
 
 
 def scan_bwd(dy, dhT, u, x, A, Bm, Cm, D, z, bias, ck, softplus: bool, cfg: ScanConfig, chunk: int):
@@ -346,35 +354,36 @@ def scan_bwd(dy, dhT, u, x, A, Bm, Cm, D, z, bias, ck, softplus: bool, cfg: Scan
     n_eblk = triton.cdiv(E, BE)
     S, seg = _split(T, Bsz * n_eblk, cfg, chunk, u.device, per_sm=16)
     dev, f32 = u.device, torch.float32
-    g0 = None if dhT is None else dhT.float().contiguous()
+    A_dtype, A = A.dtype, A.t().contiguous()  # [N, E], as the states
+    g0 = None if dhT is None else dhT.float().transpose(1, 2).contiguous()
     if S > 1:
-        gz = torch.empty(Bsz * S, E, N, device=dev, dtype=f32)
+        gz = torch.empty(Bsz * S, N, E, device=dev, dtype=f32)
         dts = torch.empty(Bsz * S, E, device=dev, dtype=f32)
         _scan_bwd_adjoint_kernel[(n_eblk, Bsz * S)](
             x, z if z is not None else x, Cm, A, bias if bias is not None else A, dy, gz, dts,
-            T, E, N, seg, S, *_strides(x), *_strides(z), *_strides(Cm),
+            T, E, N, seg, S, 0, *_strides(x), *_strides(z), *_strides(Cm),
             NP=NP, BE=BE, SOFTPLUS=softplus, HAS_Z=z is not None, HAS_BIAS=bias is not None,
             num_warps=cfg.num_warps,
         )
-        gz, dts = gz.view(Bsz, S, E, N), dts.view(Bsz, S, E)
-        g_in = torch.empty(Bsz, S, E, N, device=dev, dtype=f32)
-        cur = torch.zeros(Bsz, E, N, device=dev, dtype=f32) if g0 is None else g0
+        gz, dts = gz.view(Bsz, S, N, E), dts.view(Bsz, S, E)
+        g_in = torch.empty(Bsz, S, N, E, device=dev, dtype=f32)
+        cur = torch.zeros(Bsz, N, E, device=dev, dtype=f32) if g0 is None else g0
         for s in range(S - 1, -1, -1):
             g_in[:, s] = cur
             if s > 0:
-                cur = torch.exp(A * dts[:, s, :, None]) * cur + gz[:, s]
-        g0 = g_in.view(Bsz * S, E, N)
+                cur = torch.exp(A * dts[:, s, None, :]) * cur + gz[:, s]
+        g0 = g_in.view(Bsz * S, N, E)
     du = torch.empty(Bsz, T, E, device=dev, dtype=u.dtype)
     dx = torch.empty(Bsz, T, E, device=dev, dtype=x.dtype)
     dz = torch.empty(Bsz, T, E, device=dev, dtype=z.dtype) if z is not None else None
     dbp, dcp = (torch.empty(Bsz, T, n_eblk, N, device=dev, dtype=f32) for _ in range(2))
-    dap, dh0 = (torch.empty(Bsz * S, E, N, device=dev, dtype=f32) for _ in range(2))
+    dap, dh0 = (torch.empty(Bsz * S, N, E, device=dev, dtype=f32) for _ in range(2))
     ddp, dbiasp = (torch.empty(Bsz * S, E, device=dev, dtype=f32) for _ in range(2))
     scratch = torch.empty(Bsz * S * n_eblk, chunk, NP, BE, device=dev, dtype=f32)
     _scan_bwd_kernel[(n_eblk, Bsz * S)](
         u, x, z if z is not None else u, Bm, Cm, A, D if D is not None else A, bias if bias is not None else A,
         ck, dy, g0 if g0 is not None else A, du, dx, dz if dz is not None else du, dbp, dcp, dap, ddp, dbiasp,
-        dh0, scratch, T, E, N, seg, S, ck.shape[1], n_eblk,
+        dh0, scratch, T, E, N, seg, S, ck.shape[1], n_eblk, 0,
         *_strides(u), *_strides(x), *_strides(z), *_strides(Bm), *_strides(Cm),
         NP=NP, BE=BE, CHUNK=chunk, SOFTPLUS=softplus, HAS_Z=z is not None, HAS_D=D is not None,
         HAS_BIAS=bias is not None, HAS_G0=g0 is not None, num_warps=cfg.num_warps,
@@ -382,7 +391,8 @@ def scan_bwd(dy, dhT, u, x, A, Bm, Cm, D, z, bias, ck, softplus: bool, cfg: Scan
     dB, dC = dbp.sum(2).to(Bm.dtype), dcp.sum(2).to(Cm.dtype)
     dD = ddp.sum(0).to(D.dtype) if D is not None else None
     dbias = dbiasp.sum(0).to(bias.dtype) if bias is not None else None
-    return du, dx, dap.sum(0).to(A.dtype), dB, dC, dD, dz, dbias, dh0.view(Bsz, S, E, N)[:, 0]
+    dA = dap.sum(0).t().to(A_dtype)
+    return du, dx, dA, dB, dC, dD, dz, dbias, dh0.view(Bsz, S, N, E)[:, 0].transpose(1, 2)
 
 
 class SelectiveScanFunction(torch.autograd.Function):
