@@ -82,7 +82,7 @@ def scan_table(budget, bw, peer, peer_note, lines, out):
     for T in TS:
         B = TOKENS // T
         ins = scan_inputs(B, T)
-        f, b = default_configs(torch.device("cuda"))
+        f, b = default_configs(torch.device("cuda"), B, E)
         one = (f._replace(segments=1), b._replace(segments=1))
         for backward in (False, True):
             pas = "fwd+bwd" if backward else "fwd"
@@ -107,12 +107,14 @@ def scan_table(budget, bw, peer, peer_note, lines, out):
 
 def sweep_table(budget, lines, out):
     """Forward and forward+backward under other launch configs than the defaults, at T = 2k and 16k."""
-    f0, b0 = default_configs(torch.device("cuda"))
-    cands = [("fwd", f0._replace(block_e=32, num_warps=1)), ("fwd", f0._replace(block_e=128, num_warps=4)),
-             ("fwd", f0._replace(block_e=128, num_warps=2)), ("bwd", b0._replace(block_e=16)),
-             ("bwd", b0._replace(block_e=64, num_warps=2)), ("chunk", 16), ("chunk", 64), ("chunk", 128)]
     rows = []
     for T in (2048, 16384):
+        f0, b0 = default_configs(torch.device("cuda"), TOKENS // T, E)
+        other = 64 if f0.block_e == 128 else 128
+        cands = [("fwd", f0._replace(block_e=32, num_warps=1)), ("fwd", f0._replace(block_e=other)),
+                 ("fwd", f0._replace(block_e=128, num_warps=4)), ("fwd", f0._replace(maxnreg=128)),
+                 ("fwd", f0._replace(maxnreg=96)), ("bwd", b0._replace(block_e=16)), ("bwd", b0._replace(maxnreg=168)),
+                 ("bwd", b0._replace(maxnreg=128)), ("chunk", 8), ("chunk", 32)]
         ins = scan_inputs(TOKENS // T, T)
         for kind, c in cands:
             if not budget.ok():
@@ -131,7 +133,8 @@ def sweep_table(budget, lines, out):
 
 
 def decode_table(budget, bw):
-    """mamba-1b's scan step: E = 4096, N = 16; u, delta, z bf16 [B, E]; state fp32 [B, E, N] in place."""
+    """mamba-1b's scan step: E = 4096, N = 16; u, delta, z bf16 [B, E]; state fp32 [B, E, N] in place. The graph
+    replays 16 steps over 16 different states (as 16 layers would), so large batches read them from HBM."""
     e = 4096
     rows = []
     for Bd in (1, 8, 32, 128, 256):
@@ -139,16 +142,16 @@ def decode_table(budget, bw):
             rows.append([str(Bd)] + ["skipped (budget)"] * 6)
             continue
         u, delta, A, Bm, Cm, D, z, bias = [t[:, 0] if t.dim() == 3 else t for t in scan_inputs(Bd, 1, e)]
-        state = torch.randn(Bd, e, N, device="cuda")
+        states = [torch.randn(Bd, e, N, device="cuda") for _ in range(16)]  # 16 layers' states: > L2 at batch 32+
         args = (u, delta, A, Bm, Cm, D, z, bias)
         with torch.no_grad():
-            eager = try_ms(lambda: selective_state_update(state, *args))
-            ref = try_ms(lambda: selective_state_update_ref(state, *args))
+            eager = try_ms(lambda: selective_state_update(states[0], *args))
+            ref = try_ms(lambda: selective_state_update_ref(states[0], *args))
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                for _ in range(10):
-                    selective_state_update(state, *args)
-            replay = median_ms(graph.replay) / 10
+                for st in states:
+                    selective_state_update(st, *args)
+            replay = median_ms(graph.replay) / len(states)
         floor = (Bd * e * N * 4 * 2 + e * N * 4 + Bd * e * 2 * 4 + e * 4 * 2) / bw * 1e3
         rows.append([str(Bd), fmt(eager and eager * 1e3, 1), fmt(replay * 1e3, 1), fmt(ref and ref * 1e3, 1),
                      fmt(floor * 1e3, 2), ratio(replay, floor), ratio(eager, floor)])
@@ -182,11 +185,13 @@ def main() -> None:
     budget = Budget(args.budget)
     bw = copy_bandwidth()
     peer, peer_note = mamba_ssm_peer()
-    f, b = default_configs(torch.device("cuda"))
+    f, b = default_configs(torch.device("cuda"), TOKENS // 2048, E)
+    fw = default_configs(torch.device("cuda"), TOKENS // 16384, E)[0]
     lines = header("Mamba selective scan and decode step", [
         f"Scan: E = {E}, N = {N}, bf16 activations, B*T = {TOKENS}, gate and softplus fused; times in ms (median, "
-        f"triton.testing.do_bench). seqmix configs: forward {tuple(f)}, backward {tuple(b)} (block_e, warps, "
-        f"chunk, segments; segments None = from the SM count); `segments=1` disables the time split. {peer_note}. "
+        f"triton.testing.do_bench). seqmix default configs (block_e, warps, chunk, segments; segments None = from "
+        f"the SM count): forward {tuple(f)} ({tuple(fw)} when the batch is small), backward {tuple(b)}; "
+        f"`segments=1` disables the time split. {peer_note}. "
         f"Floor = bytes moved / measured copy bandwidth ({bw / 1e12:.2f} TB/s)."])
     lines += ["## Selective scan", ""] + scan_table(budget, bw, peer, peer_note, lines, args.out) + [""]
     write(args.out, "mamba.md", lines)

@@ -29,12 +29,17 @@ LOG2E = 1.4426950408889634
 
 class ScanConfig(NamedTuple):
     """Launch parameters: channels per program, warps, checkpoint interval (time steps), time segments (None:
-    chosen from the device's SM count)."""
+    chosen from the device's SM count), a register cap per thread (None: the compiler's choice)."""
 
     block_e: int
     num_warps: int
     chunk: int = 64
     segments: Optional[int] = None
+    maxnreg: Optional[int] = None
+
+
+def _launch_opts(cfg: ScanConfig) -> dict:
+    return {"num_warps": cfg.num_warps, **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg})}
 
 
 @triton.jit
@@ -276,22 +281,33 @@ def _state_update_kernel(
 
 
 # -- launchers ------------------------------------------------------------------------------------------------
-def default_configs(device: torch.device) -> tuple[ScanConfig, ScanConfig]:
-    """(forward, backward). One channel per thread (block_e = 32 * warps keeps the step loop free of layout
-    conversions). The backward's scratch of recomputed states is chunk * N * 4 bytes per channel in flight; 32
-    steps keep most of it in L2. Under the interpreter (CPU) short chunks, so test shapes span several."""
+def default_configs(device: torch.device, batch: int = 1, channels: int = 2048) -> tuple[ScanConfig, ScanConfig]:
+    """(forward, backward) for a [batch, T, channels] scan. A thread per channel (block_e = 32 * warps keeps the
+    step loop free of layout conversions), two per thread in the forward when the batch is too small to fill
+    the GPU without a time split (more independent work per step hides latency there). The backward's
+    scratch of recomputed states holds chunk * N * 4 bytes per channel in flight; 16 steps keep it in L2. On the
+    H200 (kernels/bench/results/mamba_*.md) these beat the other blocks, warps and chunks tried.
+    Under the interpreter (CPU) short chunks, so test shapes span several."""
     if device.type != "cuda":
         return ScanConfig(32, 1, 8), ScanConfig(32, 1, 8)
-    return ScanConfig(64, 2, 32), ScanConfig(32, 1, 32)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wide = batch * triton.cdiv(channels, 64) < _FWD_FULL * sms
+    return ScanConfig(128 if wide else 64, 2, 16), ScanConfig(32, 1, 16)
 
 
-def _split(T: int, programs: int, cfg: ScanConfig, chunk: int, device: torch.device, per_sm: int):
+# Programs per SM from which a pass runs at full speed without a time split, and the programs per SM a split
+# aims at (measured on the H200: a split re-runs the scan, about 1.6x the work, so it pays only below these).
+_FWD_FULL, _FWD_SPLIT, _BWD_FULL, _BWD_SPLIT = 3, 8, 6, 16
+
+
+def _split(T: int, programs: int, cfg: ScanConfig, chunk: int, device: torch.device, full: int, aim: int):
     """(segments S, segment length SEG, a multiple of the chunk) for `programs` programs per segment."""
     n_chunks = triton.cdiv(max(T, 1), chunk)
     if cfg.segments is not None:
         S = cfg.segments
     elif device.type == "cuda":
-        S = per_sm * torch.cuda.get_device_properties(device).multi_processor_count // programs
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        S = 1 if programs >= full * sms else aim * sms // programs
     else:
         S = 1
     S = max(1, min(S, n_chunks))
@@ -312,7 +328,7 @@ def scan_fwd(u, x, A, Bm, Cm, D, z, bias, h0, softplus: bool, cfg: ScanConfig):
     h0 = None if h0 is None else h0.transpose(1, 2).contiguous()
     BE, chunk = cfg.block_e, cfg.chunk
     n_eblk = triton.cdiv(E, BE)
-    S, seg = _split(T, Bsz * n_eblk, cfg, chunk, u.device, per_sm=8)
+    S, seg = _split(T, Bsz * n_eblk, cfg, chunk, u.device, _FWD_FULL, _FWD_SPLIT)
     n_chunks = triton.cdiv(T, chunk)
     y = torch.empty(Bsz, T, E, device=u.device, dtype=u.dtype)
     ck = torch.empty(Bsz, n_chunks, N, E, device=u.device, dtype=torch.float32)
@@ -326,7 +342,7 @@ def scan_fwd(u, x, A, Bm, Cm, D, z, bias, h0, softplus: bool, cfg: ScanConfig):
             T, E, N, seg, S, n_chunks, 0, *strides,
             NP=triton.next_power_of_2(N), BE=BE, CHUNK=chunk, SOFTPLUS=softplus, HAS_Z=z is not None,
             HAS_D=D is not None, HAS_BIAS=bias is not None, HAS_H0=h_in is not None, STORE_Y=store_y,
-            STORE_CK=store_y, STORE_DTS=dts is not None, num_warps=cfg.num_warps,
+            STORE_CK=store_y, STORE_DTS=dts is not None, **_launch_opts(cfg),
         )
 
     if S == 1:
@@ -352,7 +368,7 @@ def scan_bwd(dy, dhT, u, x, A, Bm, Cm, D, z, bias, ck, softplus: bool, cfg: Scan
     N = A.shape[1]
     NP, BE = triton.next_power_of_2(N), cfg.block_e
     n_eblk = triton.cdiv(E, BE)
-    S, seg = _split(T, Bsz * n_eblk, cfg, chunk, u.device, per_sm=16)
+    S, seg = _split(T, Bsz * n_eblk, cfg, chunk, u.device, _BWD_FULL, _BWD_SPLIT)
     dev, f32 = u.device, torch.float32
     A_dtype, A = A.dtype, A.t().contiguous()  # [N, E], as the states
     g0 = None if dhT is None else dhT.float().transpose(1, 2).contiguous()
@@ -362,8 +378,7 @@ def scan_bwd(dy, dhT, u, x, A, Bm, Cm, D, z, bias, ck, softplus: bool, cfg: Scan
         _scan_bwd_adjoint_kernel[(n_eblk, Bsz * S)](
             x, z if z is not None else x, Cm, A, bias if bias is not None else A, dy, gz, dts,
             T, E, N, seg, S, 0, *_strides(x), *_strides(z), *_strides(Cm),
-            NP=NP, BE=BE, SOFTPLUS=softplus, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-            num_warps=cfg.num_warps,
+            NP=NP, BE=BE, SOFTPLUS=softplus, HAS_Z=z is not None, HAS_BIAS=bias is not None, **_launch_opts(cfg),
         )
         gz, dts = gz.view(Bsz, S, N, E), dts.view(Bsz, S, E)
         g_in = torch.empty(Bsz, S, N, E, device=dev, dtype=f32)
@@ -386,7 +401,7 @@ def scan_bwd(dy, dhT, u, x, A, Bm, Cm, D, z, bias, ck, softplus: bool, cfg: Scan
         dh0, scratch, T, E, N, seg, S, ck.shape[1], n_eblk, 0,
         *_strides(u), *_strides(x), *_strides(z), *_strides(Bm), *_strides(Cm),
         NP=NP, BE=BE, CHUNK=chunk, SOFTPLUS=softplus, HAS_Z=z is not None, HAS_D=D is not None,
-        HAS_BIAS=bias is not None, HAS_G0=g0 is not None, num_warps=cfg.num_warps,
+        HAS_BIAS=bias is not None, HAS_G0=g0 is not None, **_launch_opts(cfg),
     )
     dB, dC = dbp.sum(2).to(Bm.dtype), dcp.sum(2).to(Cm.dtype)
     dD = ddp.sum(0).to(D.dtype) if D is not None else None
@@ -470,7 +485,7 @@ def selective_scan(
         h = (initial_state_BEN.float() if initial_state_BEN is not None else
              u_BTE.new_zeros(Bsz, E, A_EN.shape[1], dtype=torch.float32))
         return u_BTE.new_zeros(u_BTE.shape), h
-    configs = configs or default_configs(u_BTE.device)
+    configs = configs or default_configs(u_BTE.device, Bsz, E)
     args = [_last_unit(t) for t in (u_BTE, delta_BTE, A_EN, B_BTN, C_BTN, D_E, z_BTE, delta_bias_E)]
     h0 = None if initial_state_BEN is None else initial_state_BEN.contiguous()
     return SelectiveScanFunction.apply(*args, h0, bool(delta_softplus), configs)

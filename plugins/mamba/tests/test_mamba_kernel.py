@@ -160,7 +160,7 @@ def test_mixer_impl_resolution(monkeypatch):
 @pytest.mark.parametrize("B,T,segments", [(2, 1531, 1), (1, 3001, None), (1, 3001, 5)])
 def test_gpu_training_shapes(B, T, segments, dtype):
     """Long sequences in the default launch configs: one segment, the automatic split, and five segments."""
-    f, b = kernel.default_configs(torch.device("cuda"))
+    f, b = kernel.default_configs(torch.device("cuda"), B, 200)
     compare(B, T, 200, 16, dtype, configs=(f._replace(segments=segments), b._replace(segments=segments)),
             seed=T + B)
 
