@@ -9,7 +9,9 @@ from torch import nn
 
 from seqmix.config import ModelConfig
 from seqmix.mixer import BlockContext, Mixer, State
-from seqmix_kernels.rmsnorm import rms_norm_ref
+from seqmix_kernels.backend import triton_unavailable
+from seqmix_kernels.cross_entropy import cross_entropy_fn, linear_cross_entropy_ref
+from seqmix_kernels.rmsnorm import rms_norm_ref, rms_norm_residual_fn, rms_norm_residual_ref
 
 States = list[State]  # one entry per block
 
@@ -26,27 +28,47 @@ class RMSNorm(nn.Module):
         return rms_norm_ref(x, self.weight, self.eps).to(self.weight.dtype)
 
 
+def fused_impl(device: torch.device) -> str:
+    """The block-boundary norm and the LM-head loss for weights on `device`: "triton" (the fused kernels of
+    seqmix_kernels, as torch.library custom ops) on a CUDA device with triton, else "reference" (PyTorch)."""
+    return "triton" if device.type == "cuda" and triton_unavailable(device) is None else "reference"
+
+
 class Block(nn.Module):
-    """One residual branch: x = x + mixer(norm(x)); the residual stream x stays fp32."""
+    """One residual branch, entered at the block boundary: residual += the previous branch's output (fp32), then
+    y = norm(residual), out = mixer(y). The residual stream stays fp32; the add and the norm are one fused op
+    (`rms_norm_residual`, chosen by HybridLM for its device), so each boundary reads and writes the stream once.
+    The unit `HybridLM.compile_blocks` compiles (and the one decode builds on: `step` has the same shape)."""
 
     def __init__(self, mixer: Mixer, d_model: int, eps: float):
         super().__init__()
         self.norm = RMSNorm(d_model, eps)
         self.mixer = mixer
+        self.norm_residual = rms_norm_residual_ref  # HybridLM.select_impls sets the device's choice
 
-    def forward(self, x_BTD: torch.Tensor, state: State = None, return_state: bool = False):
-        out = self.mixer(self.norm(x_BTD), state=state, return_state=return_state)
+    def enter(self, branch, residual):
+        """(y = norm(residual + branch) in the norm weight's dtype, the new fp32 residual); branch None: no add."""
+        return self.norm_residual(branch, residual, self.norm.weight, self.norm.eps)
+
+    def forward(self, branch_BTD: Optional[torch.Tensor], residual_BTD: torch.Tensor, state: State = None,
+                return_state: bool = False):
+        """(mixer output, new residual) [B, T, D] each, plus the mixer's state with return_state. branch_BTD:
+        the previous block's output, or None for the first block (residual_BTD is then the embedding)."""
+        y_BTD, residual_BTD = self.enter(branch_BTD, residual_BTD)
         if return_state:
-            h, state = out
-            return x_BTD + h.float(), state
-        return x_BTD + out.float()
+            out, state = self.mixer(y_BTD, state=state, return_state=True)
+            return out, residual_BTD, state
+        return self.mixer(y_BTD, state=state), residual_BTD
 
-    def prefill(self, x_BTD: torch.Tensor, state: State) -> torch.Tensor:
-        return x_BTD + self.mixer.prefill(self.norm(x_BTD), state).float()
+    def prefill(self, branch_BTD, residual_BTD, state: State):
+        y_BTD, residual_BTD = self.enter(branch_BTD, residual_BTD)
+        return self.mixer.prefill(y_BTD, state), residual_BTD
 
-    def step(self, x_BD: torch.Tensor, state: State):
-        h, state = self.mixer.step(self.norm(x_BD), state)
-        return x_BD + h.float(), state
+    def step(self, branch_BD, residual_BD, state: State):
+        """One token: (mixer output [B, D], new residual [B, D], state)."""
+        y_BD, residual_BD = self.enter(branch_BD, residual_BD)
+        h, state = self.mixer.step(y_BD, state)
+        return h, residual_BD, state
 
 
 class HybridLM(nn.Module):
@@ -75,6 +97,8 @@ class HybridLM(nn.Module):
         else:
             self.lm_head = nn.Linear(D, config.padded_vocab_size, bias=False)
             nn.init.normal_(self.lm_head.weight, std=config.init_std)
+        self.fused, self.norm_residual, self.cross_entropy = "reference", rms_norm_residual_ref, linear_cross_entropy_ref
+        self._select_fused(self.embed.weight.device)
 
     # -- forward ----------------------------------------------------------------------------------
     def head_weight(self) -> torch.Tensor:
@@ -87,17 +111,22 @@ class HybridLM(nn.Module):
 
     def hidden(self, tokens_BT: torch.Tensor, states: Optional[States] = None, return_states: bool = False):
         """Final-normed hidden states [B, T, D] (and the per-block states if asked)."""
-        x_BTD = self.embed(tokens_BT).float()
+        residual_BTD = self.embed(tokens_BT).float()
+        branch_BTD = None
         new_states: States = []
         for i, block in enumerate(self.blocks):
             st = None if states is None else states[i]
             if return_states:
-                x_BTD, st = block(x_BTD, st, True)
+                branch_BTD, residual_BTD, st = block(branch_BTD, residual_BTD, st, True)
                 new_states.append(st)
             else:
-                x_BTD = block(x_BTD, st)
-        h_BTD = self.norm_f(x_BTD)
+                branch_BTD, residual_BTD = block(branch_BTD, residual_BTD, st)
+        h_BTD = self.final_norm(branch_BTD, residual_BTD)
         return (h_BTD, new_states) if return_states else h_BTD
+
+    def final_norm(self, branch, residual) -> torch.Tensor:
+        """norm_f(residual + the last block's output), fused like every block boundary."""
+        return self.norm_residual(branch, residual, self.norm_f.weight, self.norm_f.eps)[0]
 
     def forward(
         self, tokens_BT: torch.Tensor, states: Optional[States] = None, return_states: bool = False
@@ -115,24 +144,53 @@ class HybridLM(nn.Module):
     def loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor, ignore_index: int = -100, *,
              logits_BTV: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean next-token cross-entropy in fp32; targets are already shifted by the caller (targets_BT[:, t] is
-        the token after tokens_BT[:, t]). `logits_BTV`: the logits of `tokens_BT` when the caller has them."""
-        logits = self(tokens_BT) if logits_BTV is None else logits_BTV
-        return F.cross_entropy(logits.float().flatten(0, 1), targets_BT.flatten(), ignore_index=ignore_index)
+        the token after tokens_BT[:, t]). `logits_BTV`: the logits of `tokens_BT` when the caller has them.
+        Without them the loss comes from the hidden states and the head directly (`cross_entropy`: on CUDA the
+        Triton kernel, which never holds the fp32 logits; else the full logits, upcast to fp32)."""
+        if logits_BTV is not None:
+            return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=ignore_index)
+        return self.cross_entropy(self.hidden(tokens_BT), self.head_weight(), targets_BT,
+                                  vocab_size=self.config.vocab_size, ignore_index=ignore_index)
 
-    def select_impls(self) -> None:
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile every block (the fused boundary and its mixer; the Triton kernels are custom ops, so
+        a block is one graph). Blocks of the same mixer and shapes share one compiled graph."""
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+
+    def select_impls(self, fused: Optional[str] = None) -> None:
         """Re-resolve every `auto` implementation against where the weights are now (`.to()` does this itself;
-        for loaders that assign parameters in place)."""
+        for loaders that assign parameters in place). `fused`: "triton" or "reference" to force the block
+        boundaries and the loss (tests run the Triton ones on CPU under Triton's interpreter); default by device."""
         for block in self.blocks:
             block.mixer.select_impls()
+        self._select_fused(self.embed.weight.device, fused)
+
+    def _select_fused(self, device: torch.device, impl: Optional[str] = None) -> None:
+        """Point every block boundary and the loss at the fused kernels or their references (`fused_impl`)."""
+        if impl is None:
+            impl = fused_impl(device) if device.type != "meta" else "reference"
+        self.norm_residual = fn = rms_norm_residual_fn(impl)
+        for block in self.blocks:
+            block.norm_residual = fn
+        self.cross_entropy = cross_entropy_fn(impl)
+        self.fused = impl
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moving the model (`.to`, `.cuda`) re-points the fused ops for the new device."""
+        out = super()._apply(fn, recurse)
+        if "fused" in self.__dict__:
+            self._select_fused(self.embed.weight.device)
+        return out
 
     # -- decoding ---------------------------------------------------------------------------------
     def prefill(self, tokens_BT: torch.Tensor, states: States) -> torch.Tensor:
         """The first chunk of fresh sequences: fills `states` (fresh, from init_states) in place, each mixer on
         its fresh fast path (`Mixer.prefill`); returns the final-normed hidden states [B, T, D] (`logits(h)`)."""
-        x_BTD = self.embed(tokens_BT).float()
+        residual_BTD, branch_BTD = self.embed(tokens_BT).float(), None
         for block, st in zip(self.blocks, states):
-            x_BTD = block.prefill(x_BTD, st)
-        return self.norm_f(x_BTD)
+            branch_BTD, residual_BTD = block.prefill(branch_BTD, residual_BTD, st)
+        return self.final_norm(branch_BTD, residual_BTD)
 
     def init_states(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> States:
         dtype = dtype or self.embed.weight.dtype
@@ -142,12 +200,12 @@ class HybridLM(nn.Module):
 
     def step(self, token_B: torch.Tensor, states: States) -> tuple[torch.Tensor, States]:
         """One token per sequence: logits [B, vocab_size]; states are updated (in place where possible)."""
-        x_BD = self.embed(token_B).float()
+        residual_BD, branch_BD = self.embed(token_B).float(), None
         new_states = []
         for block, st in zip(self.blocks, states):
-            x_BD, st = block.step(x_BD, st)
+            branch_BD, residual_BD, st = block.step(branch_BD, residual_BD, st)
             new_states.append(st)
-        return self.logits(self.norm_f(x_BD)), new_states
+        return self.logits(self.final_norm(branch_BD, residual_BD)), new_states
 
     def generate(self, input_ids, **kwargs) -> torch.Tensor:
         """New tokens [B, N] continuing each prompt: prefill, then decode steps (CUDA-graphed on GPU).

@@ -286,6 +286,34 @@ def test_bench_generate_quick_writes_the_table(tmp_path):
     assert "step / floor" in table and "Peak decode throughput" in table
 
 
+def test_bench_generate_llama_peer_has_the_attention_models_shape(tmp_path):
+    """The transformers peer is built from the seqmix (attn, mlp) * N model's sizes: the same parameter count."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).parents[1] / "kernels" / "bench"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        import hf_peer
+    finally:
+        sys.path.remove(str(bench_dir))
+    model = tiny_model("(attn:heads=4:kv_heads=2,mlp:96)*2")
+    shape = hf_peer.llama_shape_of(model)
+    assert (shape["num_hidden_layers"], shape["num_key_value_heads"], shape["intermediate_size"]) == (2, 2, 96)
+    llm = hf_peer.build_llama(shape, "cpu", torch.float32)
+    assert sum(p.numel() for p in llm.parameters()) == model.num_params()
+    with pytest.raises(ValueError, match=r"\(attn, mlp\) \* N"):
+        hf_peer.llama_shape_of(tiny_model("based,mlp"))
+    path = bench_dir / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    table = bench.main(["--quick", "--model", "attn,mlp", "--peer-of", "(attn,mlp)*2", "--d-model", "32", "--heads",
+                        "4", "--llama", "eager", "--out", str(tmp_path / "gen.md")])
+    assert "| transformers Llama, eager | 2 |" in table and "attn,mlp / transformers Llama, eager" in table
+
+
 # -- prefill: each sequence's first chunk through Mixer.prefill ---------------------------------------------
 def _spy_prefill(model, calls: list):
     """Record (block, tokens) of every Mixer.prefill and every forward that continues a state."""
@@ -344,8 +372,9 @@ def test_cuda_prefill_takes_the_swa_kernel_and_the_causal_fast_path(monkeypatch)
     swa = model.blocks[0].mixer
     assert swa.impl == "triton"
     seen = []
-    kernel = swa.ops["impl"]
-    swa.ops["impl"] = lambda q, k, v, w: seen.append(("swa kernel", q.shape[1])) or kernel(q, k, v, w)
+    kernel = swa.ops["impl"].fresh
+    swa.ops["impl"] = swa.ops["impl"]._replace(
+        fresh=lambda q, k, v, w: seen.append(("swa kernel", q.shape[1])) or kernel(q, k, v, w))
     sdpa = F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, is_causal=False, **kw):

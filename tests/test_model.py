@@ -54,7 +54,8 @@ def test_residual_stream_is_fp32_in_a_bf16_model():
     h = model.hidden(torch.zeros(1, 3, dtype=torch.long))
     assert h.dtype == torch.bfloat16
     x = model.embed(torch.zeros(1, 3, dtype=torch.long)).float()
-    assert model.blocks[0](x).dtype == torch.float32
+    out, residual = model.blocks[0](None, x)
+    assert residual.dtype == torch.float32 and out.dtype == torch.bfloat16
 
 
 HYBRIDS = [

@@ -215,11 +215,16 @@ def test_data_shorter_than_one_sample_is_a_message(cache, tmp_path):
 
 
 def test_the_training_benchmark_prints_a_table(tmp_path):
-    out = tmp_path / "rows.json"
+    """On a CPU: the seqmix rows (no Llama peer, no profile), DeepSpeed and the plain loop, eager."""
     cmd = [sys.executable, str(ROOT / "kernels/bench/bench_train.py"), "--recipes", "tiny", "--seq-lens", "32",
-           "--tokens-per-step", "64", "--steps", "2", "--warmup", "1", "--json", str(out)]
+           "--tokens-per-step", "64", "--steps", "2", "--warmup", "1", "--llama", "--engines", "ds1", "plain",
+           "--compile", "off", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "| tiny | 32 | 2 | fp32 | 544,000 | 2 |" in proc.stdout
-    row = json.loads(out.read_text())["rows"][0]
-    assert row["tokens_per_s"] > 0 and row["mfu"] is None and row["loss"] == row["loss"]
+    assert "| seqmix tiny, DeepSpeed ZeRO-1, eager | 32 | 2 | 544,000 | 2 |" in proc.stdout
+    assert "| seqmix tiny, plain loop, eager | 32 | 2 | 544,000 | 2 |" in proc.stdout
+    rows = json.loads((tmp_path / "train.json").read_text())["rows"]
+    assert [r["engine"] for r in rows] == ["ds1", "plain"]
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and row["mfu"] is None and row["loss"] == row["loss"], row
+    assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-4 * rows[0]["loss"]  # the same batches, the same arithmetic

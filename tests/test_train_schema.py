@@ -61,6 +61,16 @@ def test_reference_recipes_carry_the_published_hyperparameters(name):
     assert r.model.arch == name and r.data.tokenizer == "gpt2"
 
 
+def test_train_compile_is_on_for_cuda_below_zero_3_unless_set():
+    from seqmix.train.loop import compiles
+
+    r = load_recipe(RECIPES / "based-360m.yaml")
+    assert r.train.compile is None and compiles(r, "cuda") and not compiles(r, "cpu")
+    assert not compiles(load_recipe(RECIPES / "based-360m.yaml", ["zero.stage=3"]), "cuda")
+    assert compiles(load_recipe(RECIPES / "tiny.yaml", ["train.compile=true"]), "cpu")
+    assert not compiles(load_recipe(RECIPES / "tiny.yaml", ["train.compile=false"]), "cuda")
+
+
 # -- errors name the key ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, key", [
     ("train:\n  stpes: 3\n", "train.stpes"),
@@ -75,6 +85,8 @@ def test_reference_recipes_carry_the_published_hyperparameters(name):
     ("model:\n  arch: based-7b\n", "model.arch"),
     ("optim:\n  min_lr: 1.0\n", "optim.min_lr"),
     ("zero:\n  offload_param: cpu\n", "zero.offload_param"),
+    ("train:\n  compile: true\nzero:\n  stage: 3\n", "train.compile"),
+    ("train:\n  compile: maybe\n", "train.compile"),
 ])
 def test_a_bad_key_or_value_in_the_yaml_is_an_error_naming_the_key(tmp_path, text, key):
     path = _yaml(tmp_path, "model:\n  spec: mlp\n" + text if not text.startswith("model") else text)

@@ -6,7 +6,10 @@
 
 Each model is built with random weights (bf16 on CUDA), prompts of --prompt-len random tokens are prefilled,
 and --new-tokens tokens are decoded greedily with the CUDA-graph decode step, at batch sizes 1, 2, 4, ... until
-one does not fit (or --max-batch). Decode time runs from the first new token (after prefill) to the last one:
+one does not fit (or --max-batch). `--llama compiled,eager` adds the peer a user would otherwise pick:
+transformers' LlamaForCausalLM of the shape of the (attn, mlp) * N model `--peer-of` (default attn-1b), random
+weights, decoded by transformers' generate with a static cache, compiled by transformers itself or eager
+(kernels/bench/hf_peer.py). Decode time runs from the first new token (after prefill) to the last one:
 tokens/s = batch * (new_tokens - 1) / time, step = time / (new_tokens - 1). The batch-1 step is compared with
 the time to read every parameter once (parameter bytes / measured device copy bandwidth, read + write counted).
 """
@@ -19,9 +22,14 @@ import platform
 import time
 from pathlib import Path
 
+import sys
+
 import torch
 
-from seqmix.config import resolve_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hf_peer  # noqa: E402
+
+from seqmix.config import resolve_model  # noqa: E402
 from seqmix.generate import clear_decode_cache, decode_step, generate
 from seqmix.model import build_model
 
@@ -79,9 +87,11 @@ def run_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: boo
                 peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
 
 
-def sweep(model, args, device, rows: list[dict], on_row) -> None:
+def sweep(model, args, device, rows: list[dict], on_row, runner=None) -> None:
     """Batch sizes 1, 2, 4, ... (or --batches) until one does not fit, --max-batch, or the time budget;
-    appends a row per batch size to `rows` and calls on_row(row) after each."""
+    appends a row per batch size to `rows` and calls on_row(row) after each. runner(batch) times one batch size
+    (default: seqmix's generate on `model`)."""
+    runner = runner or (lambda b: run_one(model, b, args.prompt_len, args.new_tokens, args.cuda_graph))
     batches = args.batches or [2**i for i in range(32) if 2**i <= args.max_batch]
     started = time.perf_counter()
     for b in batches:
@@ -91,7 +101,7 @@ def sweep(model, args, device, rows: list[dict], on_row) -> None:
             break
         t = time.perf_counter()
         try:
-            row = run_one(model, b, args.prompt_len, args.new_tokens, args.cuda_graph)
+            row = runner(b)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
             if not is_oom(e):
                 raise
@@ -147,9 +157,12 @@ def render(meta: dict, results: list[dict]) -> str:
             + (f"{b1['step_ms']:.3f} | {b1['step_ms'] / floor_ms:.2f}x" if b1 else "- | -")
             + (f" | {best['tokens_per_s']:,.0f} ({best['batch']}) |" if best else " | - |"))
     peaks = [max((row["tokens_per_s"] for row in r["rows"] if "note" not in row), default=0.0) for r in results]
-    if len(results) >= 2 and peaks[1] > 0:
-        lines += ["", f"Peak decode throughput {results[0]['name']} / {results[1]['name']}: "
-                      f"{peaks[0] / peaks[1]:.1f}x (each at its own best batch)."]
+    if len(results) >= 2:
+        lines.append("")
+        for r, peak in zip(results[1:], peaks[1:]):
+            if peak > 0:
+                lines.append(f"Peak decode throughput {results[0]['name']} / {r['name']}: "
+                             f"{peaks[0] / peak:.1f}x (each at its own best batch).")
     return "\n".join(lines) + "\n"
 
 
@@ -171,6 +184,9 @@ def parse_args(argv=None):
                    help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default cuda when available")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
+    p.add_argument("--llama", default="", help="comma-separated transformers Llama peer variants to add: "
+                   "compiled (transformers' own torch.compile of the decode step), eager")
+    p.add_argument("--peer-of", default="attn-1b", help="the (attn, mlp) * N model whose shape the Llama peer takes")
     p.add_argument("--quick", action="store_true", help="prompt 16, 8 new tokens, batches 1 and 2 (a logic check)")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = p.parse_args(argv)
@@ -218,6 +234,23 @@ def main(argv=None) -> str:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    variants = [v for v in args.llama.split(",") if v]
+    if variants:
+        config = resolve_model(args.peer_of, d_model=args.d_model, n_heads=args.heads, layers=args.layers,
+                               max_seqlen=max(2048, args.prompt_len + args.new_tokens))
+        shape = hf_peer.llama_shape_of(build_model(config, device="meta"))
+        llm = hf_peer.build_llama(shape, device, args.dtype)
+        for v in variants:
+            if v not in ("compiled", "eager"):
+                raise SystemExit(f"--llama: unknown variant {v!r} (compiled, eager)")
+            entry = dict(name=f"transformers Llama, {v}", params=sum(p.numel() for p in llm.parameters()),
+                         weight_bytes=sum(p.numel() * p.element_size() for p in llm.parameters()),
+                         state_bytes=hf_peer.kv_bytes(shape, args.prompt_len + args.new_tokens, args.dtype), rows=[])
+            results.append(entry)
+            print(f"{entry['name']}: {entry['params']:,} parameters, shape of {args.peer_of}", flush=True)
+            sweep(llm, args, device, entry["rows"], emit,
+                  runner=lambda b, v=v: hf_peer.run_llama(llm, b, args.prompt_len, args.new_tokens, v == "compiled"))
+        del llm
     emit()
     table = render(meta, results)
     print(table)

@@ -16,6 +16,7 @@ import torch
 
 from benchlib import HEAD_DIM, TOKENS, TS, H, Budget, copy_bandwidth, fmt, header, ratio, table, try_ms, write
 from seqmix_kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from seqmix_kernels.cross_entropy.triton import linear_cross_entropy as triton_cross_entropy
 from seqmix_kernels.rmsnorm import rms_norm_residual_ref
 from seqmix_kernels.rotary import rotary_ref
 from seqmix_kernels.rmsnorm.triton import rms_norm_residual
@@ -94,7 +95,8 @@ def ce_section(budget, flush) -> list[str]:
     wt = (torch.randn(VOCAB_PAD, D, device="cuda") * 0.02).to(torch.bfloat16)
     tgt = torch.randint(0, VOCAB, (B, T), device="cuda")
     compiled = torch.compile(linear_cross_entropy_ref)
-    peers = {"seqmix chunked": lambda a, b: linear_cross_entropy(a, b, tgt, vocab_size=VOCAB),
+    peers = {"seqmix triton": lambda a, b: triton_cross_entropy(a, b, tgt, vocab_size=VOCAB),
+             "seqmix chunked": lambda a, b: linear_cross_entropy(a, b, tgt, vocab_size=VOCAB),
              "eager": lambda a, b: linear_cross_entropy_ref(a, b, tgt, vocab_size=VOCAB),
              "compiled": lambda a, b: compiled(a, b, tgt, vocab_size=VOCAB)}
     rows, results = [], {}
@@ -129,11 +131,13 @@ def ce_section(budget, flush) -> list[str]:
         flush(table(["impl", "forward ms (no grad)", "fwd+bwd ms", "peak GiB above inputs", "loss"], rows))
     lines = [f"## LM-head cross-entropy (B = {B}, T = {T}, d = {D}, vocab {VOCAB} padded to {VOCAB_PAD}, bf16)", ""]
     lines += table(["impl", "forward ms (no grad)", "fwd+bwd ms", "peak GiB above inputs", "loss"], rows) + [""]
-    if "seqmix chunked" in results and "eager" in results:
-        s, e = results["seqmix chunked"], results["eager"]
-        err = ((s[1] - e[1]).abs().max() / e[1].abs().max()).item()
-        lines += [f"seqmix / eager: time {ratio(s[2], e[2])}, peak memory {s[3] / e[3]:.3f}x; "
-                  f"d h normalised max difference {err:.2e}", ""]
+    for mine in ("seqmix triton", "seqmix chunked"):
+        if mine in results and "eager" in results:
+            s, e = results[mine], results["eager"]
+            err = ((s[1] - e[1]).abs().max() / e[1].abs().max()).item()
+            vs_c = f", time vs compiled {ratio(s[2], results['compiled'][2])}" if "compiled" in results else ""
+            lines += [f"{mine} / eager: time {ratio(s[2], e[2])}{vs_c}, peak memory {s[3] / e[3]:.3f}x; "
+                      f"d h normalised max difference {err:.2e}", ""]
     return lines
 
 
@@ -141,16 +145,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--budget", type=float, default=90.0)
+    ap.add_argument("--sections", nargs="+", default=["norm", "rotary", "ce"], choices=["norm", "rotary", "ce"])
     args = ap.parse_args()
     budget = Budget(args.budget)
     bw = copy_bandwidth()
     lines = header("RMSNorm + residual, rotary, LM-head cross-entropy", [
         f"B*T = {TOKENS}, d = {D}. Times in ms (median). Floor = bytes moved / measured copy bandwidth "
         f"({bw / 1e12:.2f} TB/s)."])
-    for section in (norm_section, rotary_section):
-        lines += section(bw, budget)
-        write(args.out, "norm_ce.md", lines)
-    lines += ce_section(budget, lambda part: write(args.out, "norm_ce.md", lines + ["## LM-head cross-entropy"] + part))
+    for name, section in (("norm", norm_section), ("rotary", rotary_section)):
+        if name in args.sections:
+            lines += section(bw, budget)
+            write(args.out, "norm_ce.md", lines)
+    if "ce" in args.sections:
+        def flush(part):
+            write(args.out, "norm_ce.md", lines + ["## LM-head cross-entropy"] + part)
+
+        lines += ce_section(budget, flush)
     write(args.out, "norm_ce.md", lines)
     print("\n".join(lines))
 

@@ -39,7 +39,11 @@ def triton_unavailable(device: Union[str, torch.device] = "cuda") -> Optional[st
 
 
 def check_device(what: str, *tensors: Optional[torch.Tensor]) -> None:
-    """Raise a clear error when a Triton op gets tensors it cannot run on (before Triton fails obscurely)."""
+    """Raise a clear error when a Triton op gets tensors it cannot run on (before Triton fails obscurely).
+
+    Skipped while torch.compile traces (the host-side checks would break the graph; eager runs check)."""
+    if torch.compiler.is_compiling():
+        return
     for t in tensors:
         if t is None:
             continue

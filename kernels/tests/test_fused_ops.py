@@ -1,4 +1,5 @@
-"""RMSNorm + residual and rotary kernels against their references; the chunked cross-entropy against eager CE.
+"""RMSNorm + residual and rotary kernels against their references; the chunked and Triton cross-entropy against
+eager CE; the custom-op registrations (torch.library.opcheck) and one compiled graph through them.
 
 Kernels run under the Triton interpreter without a GPU (tiny shapes, fp32/fp16); `gpu` tests add bf16 and
 training-sized shapes. Launcher allocations are NaN-filled, so an element a kernel skips fails the test.
@@ -14,10 +15,11 @@ from seqmix_kernels.testing import (DEVICE, HAS_CUDA, HAS_TRITON, import_kernel_
                                     kernel_test_fixture)
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
-norm_mod, rot_mod = import_kernel_modules("seqmix_kernels.rmsnorm.triton",
-                                          "seqmix_kernels.rotary.triton") or (None, None)
+norm_mod, rot_mod, ce_mod = import_kernel_modules(
+    "seqmix_kernels.rmsnorm.triton", "seqmix_kernels.rotary.triton", "seqmix_kernels.cross_entropy.triton"
+) or (None, None, None)
 DTYPES = kernel_dtypes()
-_kernel_env = kernel_test_fixture(norm_mod, rot_mod)
+_kernel_env = kernel_test_fixture(norm_mod, rot_mod, ce_mod)
 
 
 def gpu(test):
@@ -134,14 +136,14 @@ def test_gpu_rotary(D, R, dtype):
 
 
 # -- chunked cross-entropy over the tied head (plain PyTorch: runs everywhere) -------------------------------------
-def run_ce(N_shape, D, V_pad, V, dtype, chunk, reduction="mean", seed=0):
+def run_ce(N_shape, D, V_pad, V, dtype, chunk, reduction="mean", seed=0, fn=linear_cross_entropy):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(*N_shape, D, generator=g).to(DEVICE, dtype)
     w = (torch.randn(V_pad, D, generator=g) / D**0.5 * 3).to(DEVICE, dtype)
     t = torch.randint(0, V, N_shape, generator=g).to(DEVICE)
     t.view(-1)[::7] = -100  # some ignored positions
     ker, ref = leaves(h, w)
-    loss = linear_cross_entropy(*ker, t, vocab_size=V, reduction=reduction, chunk_size=chunk)
+    loss = fn(*ker, t, vocab_size=V, reduction=reduction, chunk_size=chunk)
     loss_ref = linear_cross_entropy_ref(*ref, t, vocab_size=V, reduction=reduction)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert_close(loss, loss_ref, dtype, "linear_cross_entropy loss")
@@ -173,3 +175,76 @@ def test_linear_cross_entropy_no_grad_and_errors():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_linear_cross_entropy(dtype):
     run_ce((4, 1023), 256, 50264, 50257, dtype, chunk=1024, seed=1)
+
+
+# -- the Triton cross-entropy (logits one chunk at a time, the gradient written over them) -------------------------
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("chunk", [None, 16], ids=["one-chunk", "chunks"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_triton_cross_entropy_matches_eager(reduction, chunk, dtype):
+    # V = 150 > the interpreter's 64-column block: the online log-sum-exp spans three blocks; 154 padded rows
+    run_ce((3, 37), 24, 154, 150, dtype, chunk=chunk, reduction=reduction, fn=ce_mod.linear_cross_entropy)
+
+
+@needs_triton
+def test_triton_cross_entropy_no_grad_and_errors():
+    h, w = torch.randn(2, 5, 8, device=DEVICE), torch.randn(16, 8, device=DEVICE)
+    t = torch.randint(0, 16, (2, 5), device=DEVICE)
+    with torch.no_grad():
+        assert_close(ce_mod.linear_cross_entropy(h, w, t), linear_cross_entropy_ref(h, w, t), torch.float32, "no grad")
+    with pytest.raises(ValueError, match="vocab_size"):
+        ce_mod.linear_cross_entropy(h, w, t, vocab_size=17)
+    with pytest.raises(TypeError, match="dtype"):
+        ce_mod.linear_cross_entropy(h, w.double(), t)
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_triton_cross_entropy(dtype):
+    run_ce((4, 1023), 256, 50264, 50257, dtype, chunk=None, seed=1, fn=ce_mod.linear_cross_entropy)
+    run_ce((2, 1023), 256, 50264, 50257, dtype, chunk=700, seed=2, fn=ce_mod.linear_cross_entropy)
+
+
+# -- the custom ops: registrations checked by torch.library.opcheck, and one graph through them under compile -----
+@needs_triton
+def test_custom_ops_pass_opcheck():
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(2, 5, 24, generator=g).to(DEVICE), torch.randn(2, 5, 24, generator=g).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(24, generator=g)).to(DEVICE)
+    torch.library.opcheck(torch.ops.seqmix_kernels.rms_norm_residual_fwd,
+                          (x.view(-1, 24).requires_grad_(), r.view(-1, 24).requires_grad_(), w.requires_grad_(), 1e-5))
+    torch.library.opcheck(torch.ops.seqmix_kernels.rms_norm_residual_fwd,
+                          (None, r.view(-1, 24).requires_grad_(), w, 1e-5))
+    q = torch.randn(2, 7, 3, 16, generator=g).to(DEVICE).requires_grad_()
+    cos, sin = (t.contiguous() for t in rot_mod.rotary_cos_sin(2, 7, 16, 0, 10000.0, DEVICE))
+    torch.library.opcheck(torch.ops.seqmix_kernels.rotary_apply, (q, cos, sin, False))
+    h, hw = torch.randn(9, 8, generator=g).to(DEVICE).requires_grad_(), torch.randn(16, 8, generator=g).to(DEVICE)
+    t = torch.randint(0, 13, (9,), generator=g).to(DEVICE)
+    torch.library.opcheck(torch.ops.seqmix_kernels.linear_cross_entropy_fwd,
+                          (h, hw.requires_grad_(), t, 13, -100, "mean", None, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@needs_triton
+def test_fused_ops_compile_into_one_graph():
+    """A block boundary (norm + residual) and a rotary through torch.compile(fullgraph=True): no graph break, and
+    the compiled values and gradients equal the eager kernels'."""
+    def boundary(x, r, w, q):
+        y, r2 = norm_mod.rms_norm_residual(x, r, w)
+        return rot_mod.rotary(y.view(*y.shape[:2], 2, -1) * q, 0, -1), r2
+
+    g = torch.Generator().manual_seed(3)
+    args = [torch.randn(2, 9, 32, generator=g).to(DEVICE), torch.randn(2, 9, 32, generator=g).to(DEVICE),
+            torch.ones(32, device=DEVICE), torch.randn(2, 9, 2, 16, generator=g).to(DEVICE)]
+    eager_in = [a.clone().requires_grad_() for a in args]
+    comp_in = [a.clone().requires_grad_() for a in args]
+    out = boundary(*eager_in)
+    cout = torch.compile(boundary, backend="aot_eager", fullgraph=True)(*comp_in)
+    for a, b in zip(out, cout):
+        torch.testing.assert_close(a, b)
+    sum(o.sum() for o in out).backward()
+    sum(o.sum() for o in cout).backward()
+    for a, b in zip(eager_in, comp_in):
+        torch.testing.assert_close(a.grad, b.grad)

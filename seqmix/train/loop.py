@@ -115,6 +115,13 @@ def peak_flops(device: torch.device, dtype: str, override_tflops: Optional[float
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def compiles(recipe: Recipe, device_type: str) -> bool:
+    """train.compile, resolved: given, or on for CUDA unless ZeRO-3 (whose parameter hooks break the graphs)."""
+    if recipe.train.compile is not None:
+        return recipe.train.compile
+    return device_type == "cuda" and recipe.zero.stage < 3
+
+
 @dataclass
 class Built:
     engine: object  # deepspeed.DeepSpeedEngine around LMLoss(lm)
@@ -135,6 +142,8 @@ def build_engine(recipe: Recipe, vocab_size: int, world: int, device_type: str) 
     torch.manual_seed(recipe.train.seed)
     lm = build_model(model_config(recipe, vocab_size))
     num_params, flops = lm.num_params(), lm.flops_per_token(recipe.data.seq_len)  # before ZeRO-3 partitions
+    if compiles(recipe, device_type):
+        lm.compile_blocks()  # lazy: each block compiles at its first call, after DeepSpeed has placed it
     if recipe.zero.stage == 3 and lm.lm_head is None:  # the tied head reads embed.weight outside embed's forward
         deepspeed.zero.register_external_parameter(lm, lm.embed.weight)
     module = LMLoss(lm)
@@ -221,7 +230,8 @@ def setup_run(recipe: Recipe, console) -> Run:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
         say(f"{recipe.name}: {recipe.model.arch or format_spec(lm.layer_specs, lm.registry, compact=True)}"
             f" | {built.num_params:,} parameters | world {world} x micro {t.micro_batch} x accum {accum} = "
-            f"{t.global_batch} seq x {d.seq_len} tokens | ZeRO {recipe.zero.stage} | {t.dtype} on {device.type}")
+            f"{t.global_batch} seq x {d.seq_len} tokens | ZeRO {recipe.zero.stage} | {t.dtype} on {device.type}"
+            f"{' | compiled blocks' if compiles(recipe, device.type) else ''}")
 
     return Run(
         recipe=recipe, rank=rank, world=world, say=say, device=device, built=built, accum=accum,

@@ -42,6 +42,7 @@ class TrainSection:
     global_batch: int = 256  # sequences per optimizer step, summed over ranks and micro-batches
     micro_batch: int = 8  # sequences per rank per forward/backward; accumulation = global / (micro * world)
     dtype: str = "bf16"  # bf16 | fp16 | fp32 (weights and activations; the optimizer keeps fp32 masters)
+    compile: Optional[bool] = None  # torch.compile each block (None: on for CUDA with zero.stage < 3, off on CPU)
     seed: int = 0  # model init and data order
     eval_every: int = 1000  # steps between evaluations on the held-out split (0 = never)
     eval_batches: int = 10  # global batches of held-out sequences per evaluation (capped at the split)
@@ -221,6 +222,9 @@ def validate(r: Recipe) -> None:
     _require(t.global_batch % t.micro_batch == 0, "train.global_batch",
              f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}")
     _choice(t.dtype, "train.dtype", DTYPES)
+    _require(not (t.compile and z.stage == 3), "train.compile",
+             "torch.compile of the blocks is not supported with zero.stage=3 (its parameter hooks break the graphs); "
+             "set train.compile=false or use zero.stage <= 2")
     _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",

@@ -106,25 +106,59 @@ def rms_norm_residual_bwd(dy_MD, drout_MD, r_MD, rstd_M, w_D, x_dtype):
     return dr, dx, dw_part.sum(0).to(w_D.dtype)
 
 
-class RMSNormResidualFunction(torch.autograd.Function):
-    """(x or None, residual, weight) -> y, or (y, new residual) when x is given. 2D [M, D] contiguous inputs."""
+# The autograd pair as torch.library custom ops, so torch.compile treats each launch as one opaque node (no graph
+# break, no tracing into the launcher) and inductor fuses the PyTorch glue around it.
+@torch.library.custom_op("seqmix_kernels::rms_norm_residual_fwd", mutates_args=())
+def _fwd_op(x_MD: Optional[torch.Tensor], r_MD: torch.Tensor, w_D: torch.Tensor,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y in w's dtype, new residual fp32 (empty [0] when x is None), 1/rms [M] fp32)."""
+    y, rout, rstd = rms_norm_residual_fwd(x_MD, r_MD, w_D, eps, w_D.dtype)
+    return y, (rout if rout is not None else r_MD.new_empty(0)), rstd
 
-    @staticmethod
-    def forward(ctx, x_MD, r_MD, w_D, eps: float):
-        ctx.set_materialize_grads(False)
-        y, rout, rstd = rms_norm_residual_fwd(x_MD, r_MD, w_D, eps, w_D.dtype)
-        ctx.save_for_backward(rout if rout is not None else r_MD, rstd, w_D)
-        ctx.x_dtype = None if x_MD is None else x_MD.dtype
-        return y if rout is None else (y, rout)
 
-    @staticmethod
-    def backward(ctx, dy_MD, drout_MD=None):
-        r, rstd, w = ctx.saved_tensors
-        if dy_MD is None:  # only the residual was used: the add passes its gradient through
-            return (None if ctx.x_dtype is None else drout_MD.to(ctx.x_dtype)), drout_MD, None, None
-        dr, dx, dw = rms_norm_residual_bwd(dy_MD.contiguous(), None if drout_MD is None else drout_MD.contiguous(),
-                                           r, rstd, w, ctx.x_dtype)
-        return dx, dr, dw, None
+@_fwd_op.register_fake
+def _(x_MD, r_MD, w_D, eps):
+    M, D = r_MD.shape
+    rout = r_MD.new_empty(M, D) if x_MD is not None else r_MD.new_empty(0)
+    return r_MD.new_empty(M, D, dtype=w_D.dtype), rout, r_MD.new_empty(M)
+
+
+@torch.library.custom_op("seqmix_kernels::rms_norm_residual_bwd", mutates_args=())
+def _bwd_op(dy_MD: torch.Tensor, drout_MD: Optional[torch.Tensor], r_MD: torch.Tensor, rstd_M: torch.Tensor,
+            w_D: torch.Tensor, has_x: bool, x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d residual fp32, dx in x_dtype (empty [0] without x), dw in w's dtype)."""
+    dr, dx, dw = rms_norm_residual_bwd(dy_MD.contiguous(), None if drout_MD is None else drout_MD.contiguous(),
+                                       r_MD, rstd_M, w_D, x_dtype if has_x else None)
+    return dr, (dx if dx is not None else dr.new_empty(0, dtype=x_dtype)), dw
+
+
+@_bwd_op.register_fake
+def _(dy_MD, drout_MD, r_MD, rstd_M, w_D, has_x, x_dtype):
+    M, D = r_MD.shape
+    dx = r_MD.new_empty(M, D, dtype=x_dtype) if has_x else r_MD.new_empty(0, dtype=x_dtype)
+    return r_MD.new_empty(M, D), dx, w_D.new_empty(D)
+
+
+def _setup(ctx, inputs, output):
+    x_MD, r_MD, w_D, _eps = inputs
+    _y, rout, rstd = output
+    ctx.has_x = x_MD is not None
+    ctx.x_dtype = x_MD.dtype if x_MD is not None else r_MD.dtype
+    ctx.save_for_backward(rout if ctx.has_x else r_MD, rstd, w_D)
+
+
+def _backward(ctx, dy_MD, drout_MD, _drstd):
+    r, rstd, w = ctx.saved_tensors
+    if not ctx.has_x:
+        drout_MD = None  # the empty placeholder output
+    if dy_MD is None:  # only the residual was used: the add passes its gradient through
+        dx = None if not ctx.has_x or drout_MD is None else drout_MD.to(ctx.x_dtype)
+        return dx, drout_MD, None, None
+    dr, dx, dw = _bwd_op(dy_MD, drout_MD, r, rstd, w, ctx.has_x, ctx.x_dtype)
+    return (dx if ctx.has_x else None), dr, dw, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
 def rms_norm_residual(
@@ -152,7 +186,7 @@ def rms_norm_residual(
     check_device("rms_norm_residual", x_BTD, residual_BTD, weight_D)
     r = residual_BTD.contiguous().view(-1, D)
     x = None if x_BTD is None else x_BTD.contiguous().view(-1, D)
-    out = RMSNormResidualFunction.apply(x, r, weight_D.contiguous(), float(eps))
+    y, rout, _ = _fwd_op(x, r, weight_D.contiguous(), float(eps))
     if x is None:
-        return out.view(residual_BTD.shape), residual_BTD
-    return out[0].view(residual_BTD.shape), out[1].view(residual_BTD.shape)
+        return y.view(residual_BTD.shape), residual_BTD
+    return y.view(residual_BTD.shape), rout.view(residual_BTD.shape)

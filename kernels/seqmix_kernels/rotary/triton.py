@@ -64,19 +64,30 @@ def rotary_apply(x_BTHD: torch.Tensor, cos_BTR2: torch.Tensor, sin_BTR2: torch.T
     return y
 
 
-class RotaryFunction(torch.autograd.Function):
-    """x -> rotate(x, angle); the gradient is rotate(dy, -angle)."""
+# The launch as a torch.library custom op (opaque to torch.compile: no graph break); the gradient is the same op
+# rotating by -angle.
+@torch.library.custom_op("seqmix_kernels::rotary_apply", mutates_args=())
+def _rotary_op(x_BTHD: torch.Tensor, cos_BTR2: torch.Tensor, sin_BTR2: torch.Tensor, conj: bool) -> torch.Tensor:
+    return rotary_apply(x_BTHD if x_BTHD.stride(-1) == 1 else x_BTHD.contiguous(), cos_BTR2, sin_BTR2, conj)
 
-    @staticmethod
-    def forward(ctx, x_BTHD, cos_BTR2, sin_BTR2):
-        ctx.save_for_backward(cos_BTR2, sin_BTR2)
-        return rotary_apply(x_BTHD, cos_BTR2, sin_BTR2, conj=False)
 
-    @staticmethod
-    def backward(ctx, dy_BTHD):
-        cos_BTR2, sin_BTR2 = ctx.saved_tensors
-        dy = dy_BTHD if dy_BTHD.stride(-1) == 1 else dy_BTHD.contiguous()
-        return rotary_apply(dy, cos_BTR2, sin_BTR2, conj=True), None, None
+@_rotary_op.register_fake
+def _(x_BTHD, cos_BTR2, sin_BTR2, conj):
+    return x_BTHD.new_empty(x_BTHD.shape)
+
+
+def _setup(ctx, inputs, output):
+    _x, cos_BTR2, sin_BTR2, conj = inputs
+    ctx.save_for_backward(cos_BTR2, sin_BTR2)
+    ctx.conj = conj
+
+
+def _backward(ctx, dy_BTHD):
+    cos_BTR2, sin_BTR2 = ctx.saved_tensors
+    return _rotary_op(dy_BTHD, cos_BTR2, sin_BTR2, not ctx.conj), None, None, None
+
+
+_rotary_op.register_autograd(_backward, setup_context=_setup)
 
 
 def rotary(
@@ -98,4 +109,4 @@ def rotary(
     check_device("rotary", x_BTHD)
     cos_BTR2, sin_BTR2 = rotary_cos_sin(B, T, R, pos_offset, base, x_BTHD.device)
     x = x_BTHD if x_BTHD.stride(-1) == 1 else x_BTHD.contiguous()
-    return RotaryFunction.apply(x, cos_BTR2.contiguous(), sin_BTR2.contiguous())
+    return _rotary_op(x, cos_BTR2.contiguous(), sin_BTR2.contiguous(), False)

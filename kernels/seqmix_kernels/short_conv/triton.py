@@ -218,21 +218,57 @@ def short_conv_bwd(dy_BTC, x_BTC, weight_CK, bias_C, state_BCK, gate_BTC, silu: 
     return dx, dw, db, (ds.to(state_BCK.dtype) if ds is not None else None), dg
 
 
-class ShortConvFunction(torch.autograd.Function):
-    """(x, weight, bias, state, gate) -> y; bias, state and gate may be None."""
+# The autograd pair as torch.library custom ops (opaque to torch.compile: no graph break). Absent optional
+# gradients come back as empty [0] tensors (a custom op returns tensors only).
+@torch.library.custom_op("seqmix_kernels::short_conv_fwd", mutates_args=())
+def _fwd_op(x_BTC: torch.Tensor, weight_CK: torch.Tensor, bias_C: Optional[torch.Tensor],
+            state_BCK: Optional[torch.Tensor], gate_BTC: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
+    return short_conv_fwd(x_BTC, weight_CK, bias_C, state_BCK, gate_BTC, silu)
 
-    @staticmethod
-    def forward(ctx, x_BTC, weight_CK, bias_C, state_BCK, gate_BTC, silu: bool):
-        ctx.save_for_backward(x_BTC, weight_CK, bias_C, state_BCK, gate_BTC)
-        ctx.silu = silu
-        return short_conv_fwd(x_BTC, weight_CK, bias_C, state_BCK, gate_BTC, silu)
 
-    @staticmethod
-    def backward(ctx, dy_BTC):
-        x, w, b, s, g = ctx.saved_tensors
-        dx, dw, db, ds, dg = short_conv_bwd(dy_BTC.contiguous(), x, w, b, s, g, ctx.silu,
-                                            need_dstate=s is not None and ctx.needs_input_grad[3])
-        return dx, dw, db, ds, dg, None
+@_fwd_op.register_fake
+def _(x_BTC, weight_CK, bias_C, state_BCK, gate_BTC, silu):
+    return x_BTC.new_empty(x_BTC.shape)
+
+
+@torch.library.custom_op("seqmix_kernels::short_conv_bwd", mutates_args=())
+def _bwd_op(dy_BTC: torch.Tensor, x_BTC: torch.Tensor, weight_CK: torch.Tensor, bias_C: Optional[torch.Tensor],
+            state_BCK: Optional[torch.Tensor], gate_BTC: Optional[torch.Tensor], silu: bool,
+            need_dstate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db, ds, dg = short_conv_bwd(dy_BTC.contiguous(), x_BTC, weight_CK, bias_C, state_BCK, gate_BTC, silu,
+                                        need_dstate=need_dstate)
+    def empty():
+        return x_BTC.new_empty(0)  # a fresh one per output: outputs may not alias
+
+    return dx, dw, (db if db is not None else empty()), (ds if ds is not None else empty()), \
+        (dg if dg is not None else empty())
+
+
+@_bwd_op.register_fake
+def _(dy_BTC, x_BTC, weight_CK, bias_C, state_BCK, gate_BTC, silu, need_dstate):
+    return (x_BTC.new_empty(x_BTC.shape), weight_CK.new_empty(weight_CK.shape),
+            bias_C.new_empty(bias_C.shape) if bias_C is not None else x_BTC.new_empty(0),
+            state_BCK.new_empty(state_BCK.shape) if state_BCK is not None and need_dstate else x_BTC.new_empty(0),
+            gate_BTC.new_empty(gate_BTC.shape) if gate_BTC is not None else x_BTC.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    x, w, b, s, g, silu = inputs
+    ctx.save_for_backward(x, w, b, s, g)
+    ctx.silu = silu
+    ctx.has = (b is not None, s is not None, g is not None)
+
+
+def _backward(ctx, dy_BTC):
+    x, w, b, s, g = ctx.saved_tensors
+    has_b, has_s, has_g = ctx.has
+    need_ds = has_s and ctx.needs_input_grad[3]
+    dx, dw, db, ds, dg = _bwd_op(dy_BTC, x, w, b if has_b else None, s if has_s else None, g if has_g else None,
+                                 ctx.silu, need_ds)
+    return dx, dw, (db if has_b else None), (ds if need_ds else None), (dg if has_g else None), None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
 def short_conv(
@@ -257,7 +293,7 @@ def short_conv(
     x = x_BTC if x_BTC.stride(-1) == 1 else x_BTC.contiguous()
     g = None if gate_BTC is None else (gate_BTC if gate_BTC.stride(-1) == 1 else gate_BTC.contiguous())
     s = None if state_BCK is None else state_BCK.contiguous()
-    y = ShortConvFunction.apply(x, weight_CK.contiguous(), bias_C, s, g, activation == "silu")
+    y = _fwd_op(x, weight_CK.contiguous(), bias_C, s, g, activation == "silu")
     K = weight_CK.shape[1]
     prev = x.new_zeros(x.shape[0], x.shape[2], K) if state_BCK is None else state_BCK
     tail_BCK = x[:, -K:].transpose(1, 2).to(prev.dtype)

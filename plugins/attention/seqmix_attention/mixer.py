@@ -1,17 +1,37 @@
 """`attn`: causal softmax attention with RoPE and grouped KV heads, decoded from a preallocated KV cache."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Union
+from typing import Callable, Mapping, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.mixer import Arg, ArgError, BlockContext, Impl, Mixer, State, resolve_heads
-from seqmix_kernels.rotary import check_rotary_dim, rotary_ref
+from seqmix.mixer import Arg, ArgError, BlockContext, Impl, Mixer, State, resolve_heads, triton_kernel
+from seqmix_kernels.rotary import check_rotary_dim, rotary_fn
 
 
-IMPLS = {"reference": Impl("reference")}  # PyTorch SDPA (is_causal for a fresh sequence, masked otherwise)
+class AttnOps(NamedTuple):
+    """What an impl gives the mixer: the rotary op, and the decode step's attention (None: masked SDPA)."""
+
+    rotary: Callable
+    decode: Optional[Callable]
+
+
+def _load_kernels() -> AttnOps:
+    from seqmix_kernels.decode_attention.triton import decode_attention  # imports triton; only when chosen
+
+    return AttnOps(rotary_fn("triton"), decode_attention)
+
+
+def _fits_decode_kernel(m) -> Optional[str]:
+    return None if m.head_dim <= 256 else f"the decode kernel supports head dims up to 256, this layer has {m.head_dim}"
+
+
+# impl -> AttnOps: the Triton rotary and the split-K decode kernel over each sequence's cached rows, or the PyTorch
+# rotary and SDPA over the whole cache, masked. A fresh sequence (training, prefill) runs SDPA's causal kernel on both.
+IMPLS = {"triton": Impl("kernel", triton_kernel, load=_load_kernels, fits=_fits_decode_kernel),
+         "reference": Impl("reference", load=lambda: AttnOps(rotary_fn("reference"), None))}
 
 
 def _capturing() -> bool:
@@ -28,8 +48,14 @@ class CausalAttention(Mixer):
     biases, Dh = d / heads; RoPE (rotate-half, base `rope_base`) on the first 2*ceil(R/2) channels of q, k
     (R = `rotary_dim`, flash-attn's convention).
     Decode state, preallocated for `max_seqlen` tokens:
-        {"k": [B, max_seqlen, Hkv, Dh], "v": [B, max_seqlen, Hkv, Dh], "pos": int64 [B]}
-    where token p of sequence b (keys stored after rotary) sits at row p; pos = tokens cached so far.
+        {"k": [B, max_seqlen, Hkv, Dc], "v": [B, max_seqlen, Hkv, Dc], "pos": int64 [B]}
+    where token p of sequence b (keys stored after rotary) sits at row p; pos = tokens cached so far; Dc = Dh
+    rounded up to a multiple of 8 (attn-1b's 70 -> 72: rows the decode kernel loads in 16-byte vectors), the
+    padding columns kept zero.
+    impl="triton" runs the rotary with its Triton kernel and `step`'s attention with the split-K decode kernel
+    (`seqmix_kernels.decode_attention`), which reads rows [0, pos] of each sequence only and the grouped KV heads
+    once; impl="reference" attends over the whole cache with a mask (SDPA). Training, `prefill` and a forward
+    that continues a state use SDPA on both.
     """
 
     name = "attn"
@@ -43,7 +69,8 @@ class CausalAttention(Mixer):
                  "(R = 35 rotates 36); default the full head dim"),
         Arg("rope_base", float, 10000.0, min=1.0, positional=False, help="RoPE frequency base"),
         Arg("impl", str, "auto", choices=("auto", *IMPLS), positional=False,
-            help="attention path; auto = the best one that can run on the layer's device"),
+            help="triton = the rotary and decode-step attention kernels (fresh sequences use SDPA on both); "
+                 "auto = triton for a layer on a CUDA device"),
     )
     state_kind = "cache"
 
@@ -56,6 +83,7 @@ class CausalAttention(Mixer):
         if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
             raise ArgError(f"kv_heads={self.n_kv_heads} must divide heads={self.n_heads}")
         self.head_dim = D // self.n_heads
+        self.cache_dim = -(-self.head_dim // 8) * 8
         try:
             self.rotary_dim = check_rotary_dim(-1 if rotary_dim is None else rotary_dim, self.head_dim)
         except ValueError as e:
@@ -73,8 +101,9 @@ class CausalAttention(Mixer):
         B, T, _ = x_BTD.shape
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         q_BTHD, k_BTKD, v_BTKD = self.Wqkv(x_BTD).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
-        q_BTHD = rotary_ref(q_BTHD.view(B, T, H, Dh), pos, self.rotary_dim, self.rope_base)
-        k_BTKD = rotary_ref(k_BTKD.view(B, T, Hkv, Dh), pos, self.rotary_dim, self.rope_base)
+        rotary = self.ops["impl"].rotary
+        q_BTHD = rotary(q_BTHD.view(B, T, H, Dh), pos, self.rotary_dim, self.rope_base)
+        k_BTKD = rotary(k_BTKD.view(B, T, Hkv, Dh), pos, self.rotary_dim, self.rope_base)
         return q_BTHD, k_BTKD, v_BTKD.view(B, T, Hkv, Dh)
 
     def _sdpa(self, q_BTHD, k_BSKD, v_BSKD, mask_B1TS=None) -> torch.Tensor:
@@ -110,8 +139,9 @@ class CausalAttention(Mixer):
             cpos_BP = torch.where(cpos_P < pos_B[:, None], cpos_P, -1)  # rows past a sequence's pos: unused
             kpos_BS = torch.cat([cpos_BP, qpos_BT], 1)
             mask_B1TS = ((kpos_BS[:, None, :] <= qpos_BT[:, :, None]) & (kpos_BS[:, None, :] >= 0))[:, None]
-            k_BSKD = torch.cat([state["k"][:, :P].to(k_BTKD.dtype), k_BTKD], 1)
-            v_BSKD = torch.cat([state["v"][:, :P].to(v_BTKD.dtype), v_BTKD], 1)
+            Dh = self.head_dim
+            k_BSKD = torch.cat([state["k"][:, :P, :, :Dh].to(k_BTKD.dtype), k_BTKD], 1)
+            v_BSKD = torch.cat([state["v"][:, :P, :, :Dh].to(v_BTKD.dtype), v_BTKD], 1)
             o_BTHD = self._sdpa(q_BTHD, k_BSKD, v_BSKD, mask_B1TS)
         y_BTD = self.out_proj(o_BTHD.reshape(B, T, D))
         if not return_state:
@@ -137,12 +167,12 @@ class CausalAttention(Mixer):
         pos_B = state["pos"]
         row_BT = pos_B[:, None] + torch.arange(T, device=pos_B.device)
         b_B1 = torch.arange(B, device=pos_B.device)[:, None]
-        state["k"][b_B1, row_BT] = k_BTKD.to(state["k"].dtype)
-        state["v"][b_B1, row_BT] = v_BTKD.to(state["v"].dtype)
+        state["k"][b_B1, row_BT, :, :self.head_dim] = k_BTKD.to(state["k"].dtype)
+        state["v"][b_B1, row_BT, :, :self.head_dim] = v_BTKD.to(state["v"].dtype)
         pos_B.add_(T)
 
     def init_state(self, batch_size, *, max_seqlen, device=None, dtype=torch.float32):
-        shape = (batch_size, max_seqlen, self.n_kv_heads, self.head_dim)
+        shape = (batch_size, max_seqlen, self.n_kv_heads, self.cache_dim)
         return {
             "k": torch.zeros(shape, device=device, dtype=dtype),
             "v": torch.zeros(shape, device=device, dtype=dtype),
@@ -150,10 +180,11 @@ class CausalAttention(Mixer):
         }
 
     def step(self, x_BD, state):
-        """One token per sequence: write k/v at row pos, attend over rows <= pos of the whole cache, pos += 1.
+        """One token per sequence: write k/v at row pos, attend over rows <= pos, pos += 1.
 
-        Shapes are fixed (the full cache is read, masked), so the step can be captured in a CUDA graph; the
-        overflow check is skipped while capturing or compiling.
+        Shapes are fixed (the kernel reads each sequence's length on the device; the reference reads the whole
+        cache, masked), so the step can be captured in a CUDA graph; the overflow check is skipped while capturing
+        or compiling.
         """
         B, D = x_BD.shape
         pos_B = state["pos"]
@@ -165,12 +196,18 @@ class CausalAttention(Mixer):
             )
         q_B1HD, k_B1KD, v_B1KD = self._qkv(x_BD[:, None], pos_B)
         b_B = torch.arange(B, device=pos_B.device)
-        state["k"][b_B, pos_B] = k_B1KD[:, 0].to(state["k"].dtype)
-        state["v"][b_B, pos_B] = v_B1KD[:, 0].to(state["v"].dtype)
-        valid_B11S = (torch.arange(S, device=pos_B.device) <= pos_B[:, None])[:, None, None]
-        o_B1HD = self._sdpa(q_B1HD, state["k"].to(q_B1HD.dtype), state["v"].to(q_B1HD.dtype), valid_B11S)
+        Dh = self.head_dim
+        state["k"][b_B, pos_B, :, :Dh] = k_B1KD[:, 0].to(state["k"].dtype)
+        state["v"][b_B, pos_B, :, :Dh] = v_B1KD[:, 0].to(state["v"].dtype)
+        kernel = self.ops["impl"].decode
+        if kernel is not None:  # rows [0, pos] of each sequence, nothing past them
+            o_BHD = kernel(q_B1HD[:, 0], state["k"], state["v"], pos_B + 1)
+        else:
+            valid_B11S = (torch.arange(S, device=pos_B.device) <= pos_B[:, None])[:, None, None]
+            k_BSKD, v_BSKD = (state[n][..., :Dh].to(q_B1HD.dtype) for n in "kv")
+            o_BHD = self._sdpa(q_B1HD, k_BSKD, v_BSKD, valid_B11S)[:, 0]
         pos_B.add_(1)
-        return self.out_proj(o_B1HD.reshape(B, D)), state
+        return self.out_proj(o_BHD.reshape(B, D)), state
 
     def flops_per_token(self, seqlen: int) -> int:
         """2 per multiply-add: Wqkv (d (H + 2 Hkv) Dh) + out_proj (d^2), then q.k and p.v over the `seqlen`

@@ -255,6 +255,47 @@ class SwaAttnFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+# The default-config path as torch.library custom ops (opaque to torch.compile: no graph break); explicit
+# `configs` (benchmarks) take the autograd Function above.
+@torch.library.custom_op("seqmix_swa::swa_attn_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return swa_fwd(q, k, v, window, scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, window, scale):
+    B, T, H, D = q.shape
+    return q.new_empty(B, T, H, D), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("seqmix_swa::swa_attn_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+            window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return swa_bwd(do.contiguous(), q, k, v, o, lse, window, scale)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, window, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, window, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.window, ctx.scale = window, scale
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
 def swa_attn(
     q_BTHD: torch.Tensor,
     k_BTHD: torch.Tensor,
@@ -291,4 +332,6 @@ def swa_attn(
     check_device("swa_attn", q_BTHD, k_BTHD, v_BTHD)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_BTHD, k_BTHD, v_BTHD))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    return SwaAttnFunction.apply(q, k, v, int(window), scale, configs)
+    if configs is not None:
+        return SwaAttnFunction.apply(q, k, v, int(window), scale, configs)
+    return _fwd_op(q, k, v, int(window), scale)[0]

@@ -1,26 +1,37 @@
 """`swa`: sliding-window causal softmax attention (Based's), decoded from a ring buffer of the last W keys."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from seqmix.mixer import Arg, ArgError, BlockContext, Impl, Mixer, State, resolve_heads, triton_kernel
-from seqmix_kernels.rotary import check_rotary_dim, rotary_ref
+from seqmix_kernels.rotary import check_rotary_dim, rotary_fn
 
 
-def _load_kernel():
-    from seqmix_swa.kernel import swa_attn  # imports triton; only when chosen
+class SwaOps(NamedTuple):
+    """What an impl gives the mixer: a fresh sequence's attention and the decode step's (None: SDPA with the band /
+    ring mask), and the rotary op."""
 
-    return swa_attn
+    fresh: Optional[Callable]
+    decode: Optional[Callable]
+    rotary: Callable
 
 
-# impl -> the fresh-sequence attention: the banded Triton kernel (a head in one tile), or None: the SDPA band.
-IMPLS = {"triton": Impl("kernel", triton_kernel, load=_load_kernel, fits=lambda m: None if m.head_dim <= 128 else
+def _load_kernels() -> SwaOps:
+    from seqmix_kernels.decode_attention.triton import decode_attention  # both import triton; only when chosen
+    from seqmix_swa.kernel import swa_attn
+
+    return SwaOps(swa_attn, decode_attention, rotary_fn("triton"))
+
+
+# impl -> SwaOps: the banded Triton kernel (a head in one tile), the split-K decode kernel and the Triton rotary, or
+# SDPA with masks and the PyTorch rotary.
+IMPLS = {"triton": Impl("kernel", triton_kernel, load=_load_kernels, fits=lambda m: None if m.head_dim <= 128 else
                         f"the kernel supports head dims up to 128, this layer has {m.head_dim}"),
-         "reference": Impl("reference")}
+         "reference": Impl("reference", load=lambda: SwaOps(None, None, rotary_fn("reference")))}
 
 
 def ring_positions(pos_B: torch.Tensor, window: int) -> torch.Tensor:
@@ -48,9 +59,10 @@ class SlidingWindowAttention(Mixer):
     Decode state, constant in the sequence length:
         {"k": [B, W, H, Dh], "v": [B, W, H, Dh], "pos": int64 [B]}
     a ring buffer where token p (keys stored after rotary) sits in slot p % W; pos = tokens seen so far.
-    impl="triton" runs the attention of a fresh sequence (training, and `prefill`) with the
-    banded Triton kernel (`seqmix_swa.kernel.swa_attn`, O(T * W)); a forward that continues a carried state and
-    `step` attend over the W ring slots + the new tokens with PyTorch's SDPA on every impl.
+    impl="triton" runs the rotary with its Triton kernel, the attention of a fresh sequence (training, and `prefill`)
+    with the banded Triton kernel (`seqmix_swa.kernel.swa_attn`, O(T * W)) and `step`'s with the split-K decode kernel
+    (`seqmix_kernels.decode_attention`) over the min(pos + 1, W) filled slots; a forward that continues a carried
+    state attends over the W ring slots + the new tokens with PyTorch's SDPA on every impl.
     """
 
     name = "swa"
@@ -88,8 +100,9 @@ class SlidingWindowAttention(Mixer):
         """q, k, v [B, T, H, Dh] for tokens at positions pos + t, RoPE applied to q and k."""
         B, T, _ = x_BTD.shape
         q_BTHD, k_BTHD, v_BTHD = self.Wqkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
-        q_BTHD = rotary_ref(q_BTHD, pos, self.rotary_dim)
-        k_BTHD = rotary_ref(k_BTHD, pos, self.rotary_dim)
+        rotary = self.ops["impl"].rotary
+        q_BTHD = rotary(q_BTHD, pos, self.rotary_dim)
+        k_BTHD = rotary(k_BTHD, pos, self.rotary_dim)
         return q_BTHD, k_BTHD, v_BTHD
 
     @staticmethod
@@ -132,9 +145,8 @@ class SlidingWindowAttention(Mixer):
         """y [B, T, D] of a sequence from position 0, and its k, v [B, T, H, Dh] (RoPE applied to k)."""
         B, T, D = x_BTD.shape
         q_BTHD, k_BTHD, v_BTHD = self._qkv(x_BTD, 0)
-        kernel = self.ops["impl"]
-        if kernel is not None:
-            o_BTHD = kernel(q_BTHD, k_BTHD, v_BTHD, self.window)
+        if self.ops["impl"].fresh is not None:
+            o_BTHD = self.ops["impl"].fresh(q_BTHD, k_BTHD, v_BTHD, self.window)
         else:
             t_T = torch.arange(T, device=x_BTD.device)
             o_BTHD = self._sdpa(q_BTHD, k_BTHD, v_BTHD, band_mask(t_T[None], t_T[None], self.window))
@@ -169,11 +181,16 @@ class SlidingWindowAttention(Mixer):
         slot_B = torch.remainder(pos_B, self.window)
         state["k"][b_B, slot_B] = k_B1HD[:, 0].to(state["k"].dtype)
         state["v"][b_B, slot_B] = v_B1HD[:, 0].to(state["v"].dtype)
-        # After the write the buffer holds positions pos-W+1..pos, all inside the window; mask the empty slots.
-        valid_B11W = (ring_positions(pos_B + 1, self.window) >= 0)[:, None, None]
-        o_B1HD = self._sdpa(q_B1HD, state["k"].to(q_B1HD.dtype), state["v"].to(v_B1HD.dtype), valid_B11W)
+        # After the write the buffer holds positions pos-W+1..pos, all inside the window, in slots
+        # [0, min(pos + 1, W)) (filled in order, then overwritten in place); attention does not care about order.
+        if self.ops["impl"].decode is not None:
+            filled_B = torch.clamp(pos_B + 1, max=self.window)
+            o_BHD = self.ops["impl"].decode(q_B1HD[:, 0], state["k"], state["v"], filled_B)
+        else:
+            valid_B11W = (ring_positions(pos_B + 1, self.window) >= 0)[:, None, None]
+            o_BHD = self._sdpa(q_B1HD, state["k"].to(q_B1HD.dtype), state["v"].to(v_B1HD.dtype), valid_B11W)[:, 0]
         pos_B.add_(1)
-        return self.out_proj(o_B1HD.reshape(B, D)), state
+        return self.out_proj(o_BHD.reshape(B, D)), state
 
     def flops_per_token(self, seqlen: int) -> int:
         """2 per multiply-add: Wqkv (3d^2) + out_proj (d^2), then q.k and p.v over min(seqlen, W) keys (d each).

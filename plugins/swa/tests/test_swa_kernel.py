@@ -15,9 +15,9 @@ from seqmix_swa.mixer import SlidingWindowAttention
 from seqmix_swa.naive import swa_ref
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
-(kernel,) = import_kernel_modules("seqmix_swa.kernel") or (None,)
+kernel, decode = import_kernel_modules("seqmix_swa.kernel", "seqmix_kernels.decode_attention.triton") or (None, None)
 DTYPES = kernel_dtypes()
-_kernel_env = kernel_test_fixture(kernel)
+_kernel_env = kernel_test_fixture(kernel, decode)
 
 
 def compare(B, T, H, D, W, dtype, seed=0):
@@ -70,7 +70,8 @@ def test_kernel_rejects_bad_inputs():
 
 @pytest.mark.parametrize("window", [7, 100])
 def test_mixer_conformance_on_the_kernel(window):
-    """The whole triangle with impl=triton (chunked prefill and step use the ring buffer), and the kernel view
+    """The whole triangle with impl=triton (chunked prefill and the decode kernel's step use the ring buffer; window
+    100 > the test's length: slots never wrap, 7: they do), and the kernel view
     vs the reference view: outputs and the gradients of x and every weight."""
     m = check_mixer_conformance((SlidingWindowAttention, {"window": window, "impl": "triton"}),
                                 dtype=torch.float32, device=DEVICE, d_model=32, n_heads=2, B=2)

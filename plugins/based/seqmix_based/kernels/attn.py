@@ -71,6 +71,61 @@ class BasedAttnFunction(torch.autograd.Function):
         return dq, dk, dv, dkv0, dz0, None, None, None, None
 
 
+# The stateless path (training: no state in or out, default configs) as torch.library custom ops, opaque to
+# torch.compile (no graph break); a carried or returned state takes the autograd Function above.
+@torch.library.custom_op("seqmix_based::based_attn_fwd", mutates_args=())
+def _fwd_op(q_BTHF: torch.Tensor, k_BTHF: torch.Tensor, v_BTHV: torch.Tensor,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o_BTHV, r_BHT = 1 / (den + eps) fp32): the quadratic form up to PARALLEL_MAX_T tokens, else chunked."""
+    if q_BTHF.shape[1] <= PARALLEL_MAX_T:
+        o, r = parallel_fwd(q_BTHF, k_BTHF, v_BTHV, store_r=True, eps=eps,
+                            config=_config(None, q_BTHF, v_BTHV, "pfwd"))
+    else:
+        o, r, _ = based_fwd(q_BTHF, k_BTHF, v_BTHV, None, output_final_state=False, store_r=True, eps=eps)
+    return o, r
+
+
+@_fwd_op.register_fake
+def _(q_BTHF, k_BTHF, v_BTHV, eps):
+    B, T, H, _ = q_BTHF.shape
+    return v_BTHV.new_empty(v_BTHV.shape), q_BTHF.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("seqmix_based::based_attn_bwd", mutates_args=())
+def _bwd_op(do_BTHV: torch.Tensor, q_BTHF: torch.Tensor, k_BTHF: torch.Tensor, v_BTHV: torch.Tensor,
+            o_BTHV: torch.Tensor, r_BHT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    do_BTHV = do_BTHV.contiguous()
+    if q_BTHF.shape[1] <= PARALLEL_MAX_T:
+        c_BHT = denominator_grad(do_BTHV, o_BTHV, r_BHT)
+        return parallel_bwd(do_BTHV, q_BTHF, k_BTHF, v_BTHV, r_BHT, c_BHT,
+                            dq_config=_config(None, q_BTHF, v_BTHV, "pdq"),
+                            dkv_config=_config(None, q_BTHF, v_BTHV, "pdkv"))
+    dq, dk, dv, _ = based_bwd(do_BTHV, q_BTHF, k_BTHF, v_BTHV, o_BTHV, r_BHT, None, None, need_dinit=False)
+    return dq, dk, dv
+
+
+@_bwd_op.register_fake
+def _(do_BTHV, q_BTHF, k_BTHF, v_BTHV, o_BTHV, r_BHT):
+    return q_BTHF.new_empty(q_BTHF.shape), k_BTHF.new_empty(k_BTHF.shape), v_BTHV.new_empty(v_BTHV.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, _eps = inputs
+    o, r = output
+    ctx.save_for_backward(q, k, v, o, r)
+
+
+def _backward(ctx, do_BTHV, _dr):
+    q, k, v, o, r = ctx.saved_tensors
+    if do_BTHV is None:
+        do_BTHV = torch.zeros_like(o)
+    dq, dk, dv = _bwd_op(do_BTHV, q, k, v, o, r)
+    return dq, dk, dv, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
 def _config(configs, q_BTHF, v_BTHV, phase: str) -> KernelConfig:
     return (configs or {}).get(phase) or default_config(q_BTHF.shape[-1], v_BTHV.shape[-1], q_BTHF.dtype, phase)
 
@@ -101,6 +156,8 @@ def based_attn(
     kv0 = z0 = None
     if initial_state is not None:
         kv0, z0 = (s.float().contiguous() for s in initial_state)
+    if kv0 is None and not output_final_state:
+        return _fwd_op(q, k, v, float(eps))[0], None
     out = BasedAttnFunction.apply(q, k, v, kv0, z0, output_final_state, float(eps), None, None)
     if output_final_state:
         return out[0], (out[1], out[2])
