@@ -431,6 +431,61 @@ class SelectiveScanFunction(torch.autograd.Function):
         return du, dx, dA, dB, dC, dD, dz, dbias, dh0, None, None
 
 
+# The default-config path as torch.library custom ops (opaque to torch.compile: a compiled block has no graph break);
+# explicit `configs` (benchmarks) take the autograd Function above. A custom op returns tensors only: absent
+# optional gradients come back as fresh empty [0] tensors.
+@torch.library.custom_op("seqmix_mamba::selective_scan_fwd", mutates_args=())
+def _fwd_op(u: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
+            D: Optional[torch.Tensor], z: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+            h0: Optional[torch.Tensor], softplus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    fcfg, _ = default_configs(u.device, u.shape[0], u.shape[2])
+    return scan_fwd(u, x, A, Bm, Cm, D, z, bias, h0, softplus, fcfg)
+
+
+@_fwd_op.register_fake
+def _(u, x, A, Bm, Cm, D, z, bias, h0, softplus):
+    Bsz, T, E = u.shape
+    N = A.shape[1]
+    chunk = default_configs(u.device, Bsz, E)[0].chunk
+    return (u.new_empty(Bsz, T, E), u.new_empty(Bsz, E, N, dtype=torch.float32),
+            u.new_empty(Bsz, (T + chunk - 1) // chunk, N, E, dtype=torch.float32))
+
+
+@torch.library.custom_op("seqmix_mamba::selective_scan_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, dhT: Optional[torch.Tensor], u: torch.Tensor, x: torch.Tensor, A: torch.Tensor,
+            Bm: torch.Tensor, Cm: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+            bias: Optional[torch.Tensor], ck: torch.Tensor, softplus: bool) -> list[torch.Tensor]:
+    fcfg, bcfg = default_configs(u.device, u.shape[0], u.shape[2])
+    grads = scan_bwd(dy.contiguous(), dhT, u, x, A, Bm, Cm, D, z, bias, ck, softplus, bcfg, fcfg.chunk)
+    return [g.contiguous() if g is not None else u.new_empty(0) for g in grads]
+
+
+@_bwd_op.register_fake
+def _(dy, dhT, u, x, A, Bm, Cm, D, z, bias, ck, softplus):
+    f32, opt = torch.float32, lambda t: u.new_empty(0) if t is None else t.new_empty(t.shape)  # noqa: E731
+    return [u.new_empty(u.shape), x.new_empty(x.shape), A.new_empty(A.shape), Bm.new_empty(Bm.shape),
+            Cm.new_empty(Cm.shape), opt(D), opt(z), opt(bias), u.new_empty(u.shape[0], A.shape[0], A.shape[1],
+                                                                           dtype=f32)]
+
+
+def _setup(ctx, inputs, output):
+    u, x, A, Bm, Cm, D, z, bias, h0, softplus = inputs
+    ctx.save_for_backward(u, x, A, Bm, Cm, D, z, bias, output[2])
+    ctx.softplus, ctx.h0_dtype = softplus, None if h0 is None else h0.dtype
+
+
+def _backward(ctx, dy, dhT, _dck):
+    u, x, A, Bm, Cm, D, z, bias, ck = ctx.saved_tensors
+    dy = torch.zeros_like(u) if dy is None else dy  # only the final state was used
+    du, dx, dA, dB, dC, dD, dz, dbias, dh0 = _bwd_op(dy, dhT, u, x, A, Bm, Cm, D, z, bias, ck, ctx.softplus)
+    keep = lambda g, t: None if t is None else g  # noqa: E731
+    return (du, dx, dA, dB, dC, keep(dD, D), keep(dz, z), keep(dbias, bias),
+            None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype), None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
 def _last_unit(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
@@ -486,9 +541,11 @@ def selective_scan(
         h = (initial_state_BEN.float() if initial_state_BEN is not None else
              u_BTE.new_zeros(Bsz, E, A_EN.shape[1], dtype=torch.float32))
         return u_BTE.new_zeros(u_BTE.shape), h
-    configs = configs or default_configs(u_BTE.device, Bsz, E)
     args = [_last_unit(t) for t in (u_BTE, delta_BTE, A_EN, B_BTN, C_BTN, D_E, z_BTE, delta_bias_E)]
     h0 = None if initial_state_BEN is None else initial_state_BEN.contiguous()
+    if configs is None:
+        y, hT, _ = _fwd_op(*args, h0, bool(delta_softplus))
+        return y, hT
     return SelectiveScanFunction.apply(*args, h0, bool(delta_softplus), configs)
 
 
@@ -516,15 +573,28 @@ def selective_state_update(
     N = A_EN.shape[1]
     if state_BEN.stride(2) != 1 or state_BEN.stride(1) != N:
         raise ValueError("selective_state_update: state_BEN needs unit strides over (E, N) to be updated in place")
-    u, x, A, Bm, Cm, D, z, bias = (_last_unit(t) for t in (u_BE, delta_BE, A_EN, B_BN, C_BN, D_E, z_BE,
-                                                           delta_bias_E))
+    args = [_last_unit(t) for t in (u_BE, delta_BE, A_EN, B_BN, C_BN, D_E, z_BE, delta_bias_E)]
+    return _step_op(state_BEN, *args, bool(delta_softplus))
+
+
+@torch.library.custom_op("seqmix_mamba::selective_state_update", mutates_args=("state_BEN",))
+def _step_op(state_BEN: torch.Tensor, u: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor,
+             Cm: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+             softplus: bool) -> torch.Tensor:
+    Bsz, E = u.shape
+    N = A.shape[1]
     y = torch.empty(Bsz, E, device=u.device, dtype=u.dtype)
     BE = 64 if u.device.type == "cuda" else 32
     _state_update_kernel[(triton.cdiv(E, BE), Bsz)](
         state_BEN, u, x, z if z is not None else u, Bm, Cm, A, D if D is not None else A,
         bias if bias is not None else A, y, E, N, state_BEN.stride(0), u.stride(0), x.stride(0),
         z.stride(0) if z is not None else 0, Bm.stride(0), Cm.stride(0),
-        NP=triton.next_power_of_2(N), BE=BE, SOFTPLUS=bool(delta_softplus), HAS_Z=z is not None,
+        NP=triton.next_power_of_2(N), BE=BE, SOFTPLUS=softplus, HAS_Z=z is not None,
         HAS_D=D is not None, HAS_BIAS=bias is not None, num_warps=2 if u.device.type == "cuda" else 1,
     )
     return y
+
+
+@_step_op.register_fake
+def _(state_BEN, u, x, A, Bm, Cm, D, z, bias, softplus):
+    return u.new_empty(u.shape)

@@ -153,6 +153,36 @@ def test_mixer_impl_resolution(monkeypatch):
             Mamba(ctx, 4, impl="triton")
 
 
+def test_custom_ops_pass_opcheck():
+    """The default-config scan and the step are torch.library custom ops (opaque to torch.compile)."""
+    ins = make_inputs(1, 9, 8, 4, torch.float32)
+    leaves = [t.detach().requires_grad_() for t in ins]
+    torch.library.opcheck(torch.ops.seqmix_mamba.selective_scan_fwd, (*leaves, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    step = [t[:, 0] if t.dim() == 3 else t for t in ins[:8]]
+    torch.library.opcheck(torch.ops.seqmix_mamba.selective_state_update, (ins[8].clone(), *step, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_mixer_compiles_into_one_graph():
+    """A mamba layer on impl=triton through torch.compile(fullgraph=True): no graph break (the scan and the conv
+    are custom ops), and the compiled output and gradients equal the eager ones."""
+    import copy
+
+    torch._dynamo.reset()
+    eager = Mamba(BlockContext(d_model=16, n_heads=2), 4, impl="triton").to(DEVICE)
+    compiled = copy.deepcopy(eager)
+    fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 19, 16, device=DEVICE)
+    y_e, y_c = eager(x), fn(x)
+    y_e.square().sum().backward()
+    y_c.square().sum().backward()
+    torch.testing.assert_close(y_c, y_e)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=lambda m: f"{name}: {m}")
+    torch._dynamo.reset()
+
+
 # -- GPU ------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
