@@ -10,7 +10,8 @@ pass 1 scans each from zero (state only), the segment states are combined (h_in[
 h_zero[s-1]), pass 2 re-runs every segment from its true start.
 Backward: per program, chunks in reverse: recompute the chunk's states from its checkpoint into a per-program
 scratch (mostly L2-resident at 16-step chunks), then walk the chunk backwards (time indexed downwards, no reverse
-associative scan) with the adjoint g = dL/dh. dB, dC are partial per channel block and summed after; dA, D, bias partial per program.
+associative scan) with the adjoint g = dL/dh. dB, dC are partial per channel block and summed after; dA, D,
+bias partial per program.
 Long T / small batch splits the backward into segments too: a g-only reverse pass from zero, a combine, then the
 full backward per segment. Twins: `seqmix_mamba.naive.selective_scan_fused_ref` / `selective_state_update_ref`.
 The default-config scan and the step are torch.library custom ops, so torch.compile sees them as single nodes.
