@@ -152,16 +152,20 @@ class DecodeStep:
 
     With cuda_graph=True (CUDA only) the step is captured once in a CUDA graph and replayed: the token goes
     into a static input buffer, the states are updated in place, the logits land in a static output buffer
-    (valid until the next call). The states must be filled (by `prefill`) after construction.
+    (valid until the next call). With compile=True the step is `torch.compile`d first (the mixers' Triton kernels
+    are custom ops, so inductor fuses the PyTorch glue between them: norms, residual adds, gates, state updates);
+    compilation happens on the first call (or before the capture). The states must be filled (by `prefill`)
+    after construction.
     """
 
-    def __init__(self, model, batch_size: int, max_seqlen: int, *, cuda_graph: bool = False):
+    def __init__(self, model, batch_size: int, max_seqlen: int, *, cuda_graph: bool = False, compile: bool = False):
         device = model.embed.weight.device
         self.batch_size = batch_size
         self.states = model.init_states(batch_size, max_seqlen)
         self.token_B = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self._model = model
+        self._step = torch.compile(model.step, dynamic=False) if compile else model.step
         if cuda_graph:
             if device.type != "cuda":
                 raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
@@ -185,13 +189,14 @@ class DecodeStep:
         with torch.cuda.stream(stream):  # warm up (allocator, lazy init) off the capturing stream
             for _ in range(2):
                 self.reset()
-                _, new_states = model.step(self.token_B, self.states)
+                _, new_states = self._step(self.token_B, self.states)
                 self._check_in_place(model, new_states)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits_BV, _ = model.step(self.token_B, self.states)
+            self.logits_BV, _ = self._step(self.token_B, self.states)
         self.reset()
+        self._step = None  # the graph holds what it needs
 
     def _check_in_place(self, model, new_states: list) -> None:
         for i, (old, new) in enumerate(zip(self.states, new_states)):
@@ -205,7 +210,7 @@ class DecodeStep:
     def __call__(self, token_B: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence; returns the next logits [B, vocab_size]."""
         if self.graph is None:
-            logits_BV, self.states = self._model.step(token_B, self.states)
+            logits_BV, self.states = self._step(token_B, self.states)
             return logits_BV
         self.token_B.copy_(token_B)
         self.graph.replay()
@@ -218,20 +223,20 @@ _GRAPHED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, DecodeStep]]"
 
 
 @torch.inference_mode()
-def decode_step(model, batch_size: int, max_seqlen: int, *, cuda_graph: bool) -> DecodeStep:
-    """A DecodeStep for these shapes: eager, or a cached CUDA-graph one (captured once per batch size, and
-    per cache length for models with a KV cache). Its states are reset."""
+def decode_step(model, batch_size: int, max_seqlen: int, *, cuda_graph: bool, compile: bool = False) -> DecodeStep:
+    """A DecodeStep for these shapes: eager (compiled if asked), or a cached CUDA-graph one (captured once per
+    batch size, and per cache length for models with a KV cache). Its states are reset."""
     if not cuda_graph:
-        return DecodeStep(model, batch_size, max_seqlen)
+        return DecodeStep(model, batch_size, max_seqlen, compile=compile)
     has_cache = any(b.mixer.state_kind == "cache" for b in model.blocks)
-    key = (batch_size, max_seqlen if has_cache else None,
+    key = (batch_size, max_seqlen if has_cache else None, compile,
            tuple((p.data_ptr(), p.dtype) for p in model.parameters()))
     hit = _GRAPHED.get(model)
     if hit is not None and hit[0] == key:
         hit[1].reset()
         return hit[1]
     _GRAPHED.pop(model, None)  # free the old graph and its buffers before allocating new ones
-    dec = DecodeStep(model, batch_size, max_seqlen, cuda_graph=True)
+    dec = DecodeStep(model, batch_size, max_seqlen, cuda_graph=True, compile=compile)
     _GRAPHED[model] = (key, dec)
     return dec
 
@@ -257,6 +262,7 @@ def generate(
     seed: Optional[int] = None,
     callback: Optional[StepCallback] = None,
     cuda_graph: Optional[bool] = None,
+    compile: bool = False,
     prefill_tokens: int = 16384,
 ) -> torch.Tensor:
     """Continue each prompt by up to `max_new_tokens` tokens; returns the new tokens only, int64 [B, N].
@@ -272,6 +278,9 @@ def generate(
         CUDA graphs). None draws from torch's global generator.
     callback(i, tokens_B): called after each new token (i counts from 0), e.g. to stream text.
     cuda_graph: capture the decode step in a CUDA graph; default True on CUDA.
+    compile: torch.compile the decode step (before the capture); the tokens are the eager step's. Each batch
+        size (and KV-cache length) compiles once; past torch._dynamo.config.cache_size_limit shapes (default 8)
+        dynamo falls back to the eager step.
     prefill_tokens: at most this many prompt tokens per prefill forward (bounds prefill memory).
     """
     params = SamplingParams(temperature, top_k, top_p)
@@ -290,7 +299,7 @@ def generate(
     if max_new_tokens == 0:
         return out_BN
     graphed = device.type == "cuda" if cuda_graph is None else cuda_graph
-    decoder = decode_step(model, B, L + max_new_tokens, cuda_graph=graphed)
+    decoder = decode_step(model, B, L + max_new_tokens, cuda_graph=graphed, compile=compile)
     logits_BV = prefill(model, prompts, decoder.states, max_tokens=prefill_tokens)
     generator = make_generator(seed, device)
     finished_B = torch.zeros(B, dtype=torch.bool, device=device)

@@ -197,6 +197,24 @@ def test_bad_input_gets_a_clear_error(kwargs, match):
         generate(tiny_model("attn,mlp"), **kwargs)
 
 
+# -- a compiled decode step ---------------------------------------------------------------------------
+def test_compiled_step_matches_the_eager_step():
+    """torch.compile of the whole step (one graph on the reference path): the same logits step by step and the
+    same tokens from generate."""
+    from seqmix.generate import DecodeStep
+
+    model = tiny_model("based:feature_dim=4,conv:4,attn:4:2,swa:6,mlp")
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(model.step)(torch.tensor([1, 2]), model.init_states(2, 16))
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        eager, compiled = DecodeStep(model, 2, 16), DecodeStep(model, 2, 16, compile=True)
+        for t in range(6):
+            tok = torch.tensor([3 + t, 40 - t])
+            torch.testing.assert_close(compiled(tok), eager(tok), rtol=1e-5, atol=1e-5)
+    want = model.generate(PROMPTS, max_new_tokens=N_NEW, temperature=0)
+    assert torch.equal(model.generate(PROMPTS, max_new_tokens=N_NEW, temperature=0, compile=True), want)
+
+
 # -- CUDA graphs ------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -210,6 +228,9 @@ def test_cuda_graph_tokens_equal_eager(dtype):
         graphed = model.generate(PROMPTS, max_new_tokens=N_NEW, cuda_graph=True, **kw)
         again = model.generate(PROMPTS, max_new_tokens=N_NEW, cuda_graph=True, **kw)  # the cached graph
         assert torch.equal(eager, graphed) and torch.equal(graphed, again), kw
+        if dtype == torch.float32:  # a compiled step inside the graph (bf16 fusion may round differently)
+            assert torch.equal(model.generate(PROMPTS, max_new_tokens=N_NEW, cuda_graph=True, compile=True, **kw),
+                               eager), kw
     if dtype == torch.float32:
         # built on a GPU machine, auto picks the kernels, which refuse CPU tensors: ask for the references
         cpu = tiny_model("based:linear:feature_dim=4,conv:4:impl=reference,attn:4:2,swa:6:impl=reference,"

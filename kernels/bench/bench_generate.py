@@ -57,13 +57,16 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def run_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: bool) -> dict:
+def run_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: bool, compile: bool = False) -> dict:
     """Prefill `batch` random prompts and decode `new_tokens` greedily; times prefill and decode separately."""
     device = model.embed.weight.device
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).to(device)
     if cuda_graph:  # capture (cached by generate for these shapes) outside the timed region
-        decode_step(model, batch, prompt_len + new_tokens, cuda_graph=True)
+        decode_step(model, batch, prompt_len + new_tokens, cuda_graph=True, compile=compile)
+    elif compile:  # compile for these state shapes outside the timed region (dynamo caches it per shape)
+        with torch.inference_mode():  # as generate runs it (a tensor made outside would not match its guards)
+            decode_step(model, batch, prompt_len + new_tokens, cuda_graph=False, compile=True)(torch.zeros(batch, dtype=torch.int64, device=device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     marks: list[float] = []
@@ -76,7 +79,7 @@ def run_one(model, batch: int, prompt_len: int, new_tokens: int, cuda_graph: boo
     sync(device)
     t0 = time.perf_counter()
     out = generate(model, prompts, max_new_tokens=new_tokens, temperature=0, cuda_graph=cuda_graph,
-                   callback=first_token)
+                   compile=compile, callback=first_token)
     sync(device)
     t1 = time.perf_counter()
     assert out.shape == (batch, new_tokens)
@@ -91,7 +94,7 @@ def sweep(model, args, device, rows: list[dict], on_row, runner=None) -> None:
     """Batch sizes 1, 2, 4, ... (or --batches) until one does not fit, --max-batch, or the time budget;
     appends a row per batch size to `rows` and calls on_row(row) after each. runner(batch) times one batch size
     (default: seqmix's generate on `model`)."""
-    runner = runner or (lambda b: run_one(model, b, args.prompt_len, args.new_tokens, args.cuda_graph))
+    runner = runner or (lambda b: run_one(model, b, args.prompt_len, args.new_tokens, args.cuda_graph, args.compile))
     batches = args.batches or [2**i for i in range(32) if 2**i <= args.max_batch]
     started = time.perf_counter()
     for b in batches:
@@ -131,7 +134,7 @@ def render(meta: dict, results: list[dict]) -> str:
         "",
         f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['dtype']} · prompt {meta['prompt_len']} "
         f"tokens · {meta['new_tokens']} new tokens · greedy · random weights · CUDA graphs "
-        f"{'on' if meta['cuda_graph'] else 'off'} · copy bandwidth {meta['copy_bw'] / 1e9:,.0f} GB/s "
+        f"{'on' if meta['cuda_graph'] else 'off'} · seqmix step {'compiled' if meta['compile'] else 'eager'} · copy bandwidth {meta['copy_bw'] / 1e9:,.0f} GB/s "
         "(device copy, read + write counted)",
         "",
         "| model | batch | prefill (s) | decode tokens/s | step (ms) | state / seq | peak mem (GiB) |",
@@ -184,6 +187,7 @@ def parse_args(argv=None):
                    help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default cuda when available")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
+    p.add_argument("--compile", action="store_true", help="torch.compile seqmix's decode step (before the capture)")
     p.add_argument("--llama", default="", help="comma-separated transformers Llama peer variants to add: "
                    "compiled (transformers' own torch.compile of the decode step), eager")
     p.add_argument("--peer-of", default="attn-1b", help="the (attn, mlp) * N model whose shape the Llama peer takes")
@@ -202,11 +206,13 @@ def parse_args(argv=None):
 def main(argv=None) -> str:
     args = parse_args(argv)
     device = args.device
+    if args.compile:  # one compiled step per batch size (and cache length): more than dynamo's default 8
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU {platform.machine()} ({torch.get_num_threads()} threads)")
     meta = dict(date=datetime.date.today().isoformat(), device=name, torch=torch.__version__,
                 dtype=str(args.dtype).replace("torch.", ""), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                cuda_graph=args.cuda_graph,
+                cuda_graph=args.cuda_graph, compile=args.compile,
                 copy_bw=copy_bandwidth(device, 2**31 if device.type == "cuda" and not args.quick else 2**25))
     results: list[dict] = []
 

@@ -155,6 +155,18 @@ def decode_attention_fwd(q_BHD, k_BSKD, v_BSKD, len_B, scale: float) -> torch.Te
     return o
 
 
+# The launch as a torch.library custom op (opaque to torch.compile: a compiled decode step keeps it as one node).
+@torch.library.custom_op("seqmix_kernels::decode_attention", mutates_args=())
+def _decode_op(q_BHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor, len_B: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    return decode_attention_fwd(q_BHD, k_BSKD, v_BSKD, len_B, scale)
+
+
+@_decode_op.register_fake
+def _(q_BHD, k_BSKD, v_BSKD, len_B, scale):
+    return q_BHD.new_empty(q_BHD.shape)
+
+
 def decode_attention(q_BHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor, len_B: torch.Tensor,
                      scale: Optional[float] = None) -> torch.Tensor:
     """Softmax attention of one query per sequence over the first len_B[b] rows of its KV cache (no grad).
@@ -174,4 +186,4 @@ def decode_attention(q_BHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Te
         raise ValueError(f"decode_attention supports head dims up to {MAX_HEAD_DIM}, got {k_BSKD.shape[3]}")
     check_device("decode_attention", q_BHD, k_BSKD, v_BSKD, len_B)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_BHD, k_BSKD, v_BSKD))
-    return decode_attention_fwd(q, k, v, len_B, 1.0 / math.sqrt(D) if scale is None else scale)
+    return _decode_op(q, k, v, len_B, 1.0 / math.sqrt(D) if scale is None else float(scale))
