@@ -9,11 +9,21 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from seqmix.builtins.conv import SHORT_CONV_IMPLS
-from seqmix.mixer import Arg, BlockContext, Impl, Mixer, State
+from seqmix.mixer import Arg, BlockContext, Impl, Mixer, State, triton_kernel
 from seqmix_mamba.naive import selective_scan_chunked, selective_scan_ref, selective_state_step_ref
 
-# The scan: both pure PyTorch; `auto` = chunked (GPU scan kernels will be added beside them as role="kernel").
-IMPLS = {"sequential": Impl("view"), "chunked": Impl("reference")}
+
+def _load_kernel():
+    from seqmix_mamba.kernel import selective_scan, selective_state_update  # imports triton: only when chosen
+
+    return selective_scan, selective_state_update
+
+
+# The scan: the Triton kernel (`auto` on a CUDA layer), the chunked PyTorch form (`auto` elsewhere), the definition.
+IMPLS = {"triton": Impl("kernel", triton_kernel, load=_load_kernel, fits=lambda m: None if m.d_state <= 64 else
+                        f"the kernel keeps d_state values per channel in registers (<= 64); this layer has "
+                        f"{m.d_state}"),
+         "sequential": Impl("view"), "chunked": Impl("reference")}
 
 
 class Mamba(Mixer):
@@ -24,6 +34,8 @@ class Mamba(Mixer):
       (rows: [dt | B | C]), dt_proj.weight [E, R], dt_proj.bias [E], A_log [E, N], D [E], out_proj.weight [d, E].
     Decode state: {"conv": [B, E, d_conv] in the activation dtype (the last d_conv pre-conv inputs),
                    "ssm": [B, E, N] in fp32 (the scan state; the scan always runs in fp32)}.
+    impl=triton (`auto` on a CUDA device) runs the scan, and the decode step, as Triton kernels
+    (`seqmix_mamba.kernel`); chunked and sequential are the PyTorch forms.
     """
 
     name = "mamba"
@@ -36,7 +48,8 @@ class Mamba(Mixer):
         Arg("d_conv", int, 4, min=2, max=8, positional=False, help="taps of the causal depthwise conv"),
         Arg("dt_rank", int, None, min=1, positional=False, help="rank of the dt projection; default ceil(d/16)"),
         Arg("impl", str, "auto", choices=("auto", *IMPLS), positional=False,
-            help="scan: sequential (the definition) or chunked (masked matrix form); auto = chunked"),
+            help="scan: triton (the kernel), sequential (the definition) or chunked (masked matrix form); "
+                 "auto = triton for a layer on a CUDA device, else chunked"),
         Arg("chunk_size", int, 64, min=1, positional=False, help="chunk length of impl=chunked"),
         Arg("conv_impl", str, "auto", choices=("auto", *SHORT_CONV_IMPLS), positional=False,
             help="short conv path: triton = fused conv+bias+SiLU kernel; auto = triton for a layer on a CUDA device"),
@@ -88,6 +101,15 @@ class Mamba(Mixer):
         A_EN = -torch.exp(self.A_log.float())
         return dt_XE, B_XN, C_XN, A_EN
 
+    def _kernel_scan(self, u_BTE, z_BTE, h0_BEN):
+        """The Triton path: softplus(delta + bias), the gate and the state kept in fp32 inside the kernel, which
+        saves only its inputs and chunk-start states for the backward (no recomputation of the region needed)."""
+        dt_low_BTR, B_BTN, C_BTN = self.x_proj(u_BTE).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta_BTE = F.linear(dt_low_BTR, self.dt_proj.weight)
+        scan, _ = self.ops["impl"]
+        return scan(u_BTE, delta_BTE, -torch.exp(self.A_log.float()), B_BTN, C_BTN, self.D.float(), z_BTE,
+                    self.dt_proj.bias.float(), initial_state_BEN=h0_BEN)
+
     def _gated_scan(self, u_BTE, z_BTE, h0_BEN):
         """(y * silu(z) [B, T, E] fp32, final scan state [B, E, N]) for the conv output u and the gate z."""
         dt_BTE, B_BTN, C_BTN, A_EN = self._ssm_inputs(u_BTE)
@@ -107,7 +129,9 @@ class Mamba(Mixer):
         u_BTE, new_conv_BEK = conv(x_BTE, self._conv_weight(), self.conv1d.bias, state_BCK=conv_BEK,
                                          activation="silu")
         h0_BEN = None if state is None else state["ssm"]
-        if torch.is_grad_enabled() and (u_BTE.requires_grad or self.A_log.requires_grad):
+        if self.ops["impl"] is not None:
+            g_BTE, ssm_BEN = self._kernel_scan(u_BTE, z_BTE, h0_BEN)
+        elif torch.is_grad_enabled() and (u_BTE.requires_grad or self.A_log.requires_grad):
             # Training: recompute the scan's fp32 [B, T, E] intermediates in the backward instead of keeping
             # ~10 of them per layer (mamba-360m at 8 x 2048 tokens ran out of memory on an H200 without this).
             g_BTE, ssm_BEN = checkpoint(self._gated_scan, u_BTE, z_BTE, h0_BEN, use_reentrant=False)
@@ -133,6 +157,12 @@ class Mamba(Mixer):
         x_BE, z_BE = self.in_proj(x_BD).chunk(2, dim=-1)
         _, conv_step = self.ops["conv_impl"]
         u_BE = conv_step(x_BE, state["conv"], self._conv_weight(), self.conv1d.bias, activation="silu")
+        if self.ops["impl"] is not None:  # the fused decode kernel: softplus, scan step, D skip and gate
+            dt_low_BR, B_BN, C_BN = self.x_proj(u_BE).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            _, update = self.ops["impl"]
+            y_BE = update(state["ssm"], u_BE, F.linear(dt_low_BR, self.dt_proj.weight), -torch.exp(self.A_log.float()),
+                          B_BN, C_BN, self.D.float(), z_BE, self.dt_proj.bias.float())
+            return self.out_proj(y_BE.to(x_BD.dtype)), state
         dt_BE, B_BN, C_BN, A_EN = self._ssm_inputs(u_BE)
         y_BE = selective_state_step_ref(state["ssm"], u_BE.float(), dt_BE, A_EN, B_BN, C_BN, self.D)
         return self.out_proj((y_BE * F.silu(z_BE.float())).to(x_BD.dtype)), state

@@ -12,6 +12,7 @@ for tests); y comes back in u's dtype, the state in the compute dtype.
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
@@ -142,4 +143,57 @@ def selective_state_step_ref(
     decay_BEN = torch.exp(dt[:, :, None] * A_EN.to(f))
     state_BEN.copy_(decay_BEN * state_BEN + (dt * u)[:, :, None] * B_BN.to(f)[:, None, :])
     y_BE = (state_BEN * C_BN.to(f)[:, None, :]).sum(-1) + D_E.to(f) * u
+    return y_BE.to(u_BE.dtype)
+
+
+def selective_scan_fused_ref(
+    u_BTE: torch.Tensor,
+    delta_BTE: torch.Tensor,
+    A_EN: torch.Tensor,
+    B_BTN: torch.Tensor,
+    C_BTN: torch.Tensor,
+    D_E: Optional[torch.Tensor] = None,
+    z_BTE: Optional[torch.Tensor] = None,
+    delta_bias_E: Optional[torch.Tensor] = None,
+    *,
+    delta_softplus: bool = True,
+    initial_state_BEN: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The twin of `seqmix_mamba.kernel.selective_scan` (same signature), on `selective_scan_ref`:
+    dt = softplus(delta + delta_bias) in fp32, y = scan(u, dt, A, B, C, D) * silu(z).
+    Returns (y_BTE in u's dtype, final state [B, E, N] in the compute dtype)."""
+    f = torch.promote_types(u_BTE.dtype, torch.float32)
+    dt_BTE = delta_BTE.to(f) + (0 if delta_bias_E is None else delta_bias_E.to(f))
+    if delta_softplus:
+        dt_BTE = F.softplus(dt_BTE)
+    D_E = torch.zeros(u_BTE.shape[-1], dtype=f, device=u_BTE.device) if D_E is None else D_E
+    y_BTE, h_BEN = selective_scan_ref(u_BTE.to(f), dt_BTE, A_EN, B_BTN, C_BTN, D_E,
+                                      initial_state_BEN=initial_state_BEN)
+    if z_BTE is not None:
+        y_BTE = y_BTE * F.silu(z_BTE.to(f))
+    return y_BTE.to(u_BTE.dtype), h_BEN
+
+
+def selective_state_update_ref(
+    state_BEN: torch.Tensor,
+    u_BE: torch.Tensor,
+    delta_BE: torch.Tensor,
+    A_EN: torch.Tensor,
+    B_BN: torch.Tensor,
+    C_BN: torch.Tensor,
+    D_E: Optional[torch.Tensor] = None,
+    z_BE: Optional[torch.Tensor] = None,
+    delta_bias_E: Optional[torch.Tensor] = None,
+    *,
+    delta_softplus: bool = True,
+) -> torch.Tensor:
+    """The twin of `seqmix_mamba.kernel.selective_state_update`: one token, state_BEN advanced IN PLACE."""
+    f = state_BEN.dtype
+    dt_BE = delta_BE.to(f) + (0 if delta_bias_E is None else delta_bias_E.to(f))
+    if delta_softplus:
+        dt_BE = F.softplus(dt_BE)
+    D_E = torch.zeros(u_BE.shape[-1], dtype=f, device=u_BE.device) if D_E is None else D_E
+    y_BE = selective_state_step_ref(state_BEN, u_BE.to(f), dt_BE, A_EN, B_BN, C_BN, D_E)
+    if z_BE is not None:
+        y_BE = y_BE * F.silu(z_BE.to(f))
     return y_BE.to(u_BE.dtype)
