@@ -2,9 +2,12 @@
 
     python kernels/bench/bench_decode_attention.py --out kernels/bench/results
 
-Rows: attn-1b's layer (24 heads of 70, no GQA) and a GQA layer (32 query / 8 kv heads of 128), bf16, batch 1..256,
+Rows: attn-1b's layer (24 heads of 70, no GQA), an MHA layer of head dim 64 and a GQA layer (32 query / 8 kv heads of 128), bf16, batch 1..256,
 every sequence L cached tokens in a cache of S rows. Columns (ms per call, median, L2 flushed):
   kernel      seqmix_kernels.decode_attention (split-K, reads rows [0, L_b) of each sequence only)
+  sums        the same kernel with fp32 products and sums instead of tensor-core dots (no padding of the group)
+  rows%8      the kernel on the cache layout the `attn` mixer allocates (head dim padded to a multiple of 8),
+              where that differs from D
   masked      what seqmix's `attn` step did before it: SDPA over all S rows with a length mask, kv heads repeated
   sdpa-exact  torch SDPA over exactly L rows (enable_gqa; possible only because every sequence has the same L)
   flash       flash_attn_with_kvcache (cache_seqlens = L), when flash-attn is installed
@@ -24,9 +27,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import Budget, copy_bandwidth, fmt, header, ratio, table, try_ms, write  # noqa: E402
 
-from seqmix_kernels.decode_attention.triton import decode_attention  # noqa: E402
+from seqmix_kernels.decode_attention.triton import decode_attention, decode_attention_fwd  # noqa: E402
 
-SHAPES = {"attn-1b (24/24 x 70)": (24, 24, 70), "gqa (32/8 x 128)": (32, 8, 128)}
+SHAPES = {"attn-1b (24/24 x 70)": (24, 24, 70), "mha (16/16 x 64)": (16, 16, 64), "gqa (32/8 x 128)": (32, 8, 128)}
 
 
 def masked_sdpa(q_BHD, k_BSKD, v_BSKD, len_B):
@@ -59,8 +62,8 @@ def main() -> None:
         f"bf16, median ms per call (L2 flushed), copy bandwidth {bw / 1e9:,.0f} GB/s. flash-attn: "
         f"{'installed' if flash else 'not installed (no column)'}. Command: `python kernels/bench/bench_decode_attention.py`.",
     ])
-    cols = ["shape", "batch", "L (S)", "kernel", "masked", "sdpa-exact", *(["flash"] if flash else []), "floor",
-            "kernel / floor", "masked / kernel"]
+    cols = ["shape", "batch", "L (S)", "kernel", "sums", "rows%8", "masked", "sdpa-exact",
+            *(["flash"] if flash else []), "floor", "kernel / floor", "masked / kernel"]
     rows = []
     torch.manual_seed(0)
     for name, (H, K, D) in SHAPES.items():
@@ -85,6 +88,13 @@ def main() -> None:
                     err = (decode_attention(q, k, v, len_B).float() - ref.float()).abs().max().item()
                     assert err < 2e-2 * ref.float().abs().max().item() + 1e-3, f"kernel disagrees: {err}"
                     t_k = try_ms(lambda: decode_attention(q, k, v, len_B))
+                    t_s = try_ms(lambda: decode_attention_fwd(q, k, v, len_B, D ** -0.5, dot=False))
+                    t_p = None
+                    if D % 8:
+                        Dc = -(-D // 8) * 8
+                        kp, vp = (torch.nn.functional.pad(t, (0, Dc - D)) for t in (k, v))
+                        t_p = try_ms(lambda: decode_attention(q, kp, vp, len_B))
+                        del kp, vp
                     t_m = try_ms(lambda: masked_sdpa(q, k, v, len_B))
                     t_e = None if ragged else try_ms(lambda: F.scaled_dot_product_attention(
                         q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), enable_gqa=K < H))
@@ -94,7 +104,8 @@ def main() -> None:
                         extra = [fmt(try_ms(lambda: flash(q[:, None], k, v, cache_seqlens=seq)))]
                     floor = 2 * int(len_B.sum()) * K * D * 2 / bw * 1e3
                     label = f"ragged U[1, {S}]" if ragged else f"{L} ({S})"
-                    rows.append([name, str(B), label, fmt(t_k), fmt(t_m), fmt(t_e), *extra, fmt(floor, 4),
+                    rows.append([name, str(B), label, fmt(t_k), fmt(t_s), fmt(t_p), fmt(t_m), fmt(t_e), *extra,
+                                 fmt(floor, 4),
                                  ratio(t_k, floor), ratio(t_m, t_k)])
                     print(" | ".join(rows[-1]), flush=True)
                     del q, k, v

@@ -37,6 +37,11 @@ def case(B, S, H, K, D, dtype, lens, seed=0, cache_dtype=None, cache_dim=None):
 
 
 def check(q, k, v, len_B, what):
+    if q.dtype != torch.float32:  # the register-sum variant (bench_decode_attention's other column) as well
+        o = mod.decode_attention_fwd(q, k, v, len_B, q.shape[-1] ** -0.5, dot=False)
+        ref = decode_attention_ref(q.float(), k.float().nan_to_num(), v.float().nan_to_num(), len_B)
+        assert torch.isfinite(o).all(), f"{what} (dot=False): non-finite output"
+        assert_close(o, ref, q.dtype, what + " (dot=False)")
     o = mod.decode_attention(q, k, v, len_B)
     assert o.shape == q.shape and o.dtype == q.dtype
     assert torch.isfinite(o).all(), f"{what}: non-finite output (a row past its length was read)"

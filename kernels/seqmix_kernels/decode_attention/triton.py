@@ -35,6 +35,7 @@ def _decode_split_kernel(
     sqb, sqh, skb, sks, skh, svb, svs, svh, sob, soh,
     D: tl.constexpr, DK: tl.constexpr, VEC8: tl.constexpr,
     NS: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     i_b, i_k, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     L = tl.load(len_ptr + i_b).to(tl.int32)
@@ -51,7 +52,9 @@ def _decode_split_kernel(
         svb, svs, svh = (svb // 8) * 8, (svs // 8) * 8, (svh // 8) * 8
     q = tl.load(q_ptr + i_b.to(tl.int64) * sqb + h[:, None] * sqh + d[None, :], mask=gm[:, None] & dm[None, :],
                 other=0.0)
-    q = (q.to(tl.float32) * qk_scale).to(k_ptr.dtype.element_ty)  # scale and log2(e) folded into q
+    q = q.to(tl.float32) * qk_scale  # scale and log2(e) folded into q
+    if DOT:  # tensor-core dots with the group's rows padded to BG >= 16
+        q = q.to(k_ptr.dtype.element_ty)
     m_i = tl.full([BG], float("-inf"), tl.float32)
     l_i = tl.zeros([BG], tl.float32)
     acc = tl.zeros([BG, BD], tl.float32)
@@ -62,7 +65,9 @@ def _decode_split_kernel(
         nm = n < end
         kv_m = nm[:, None] & km[None, :]
         k = tl.load(k_row + n[:, None].to(tl.int64) * sks + d[None, :], mask=kv_m, other=0.0)
-        if IEEE:
+        if not DOT:  # fp32 products and sums in registers (BG = the group size, no padding to 16)
+            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2)
+        elif IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
@@ -72,7 +77,9 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_row + n[:, None].to(tl.int64) * svs + d[None, :], mask=kv_m, other=0.0)
-        if IEEE:
+        if not DOT:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+        elif IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
             pv = tl.dot(p.to(v.dtype), v)
@@ -124,14 +131,16 @@ def _aligned8(t: torch.Tensor) -> bool:
             and all(st % 8 == 0 for st in t.stride()[:-1]))
 
 
-def decode_attention_fwd(q_BHD, k_BSKD, v_BSKD, len_B, scale: float) -> torch.Tensor:
-    """Launch: o [B, H, D] in q's dtype (fresh, contiguous)."""
+def decode_attention_fwd(q_BHD, k_BSKD, v_BSKD, len_B, scale: float, dot: bool = True) -> torch.Tensor:
+    """Launch: o [B, H, D] in q's dtype (fresh, contiguous). dot=False computes q.k and p.v with fp32 products and
+    sums instead of tensor-core dots over a group padded to 16 rows (a variant for the bench; the default is the
+    measured one)."""
     B, H, D = q_BHD.shape
     S, K, DK = k_BSKD.shape[1], k_BSKD.shape[2], k_BSKD.shape[3]
     G = H // K
     BD = max(16, triton.next_power_of_2(DK))
-    BG = max(16, triton.next_power_of_2(G))
-    BN = 64 if BD <= 128 else 32
+    BG = max(16, triton.next_power_of_2(G)) if dot else triton.next_power_of_2(G)
+    BN = (64 if BD <= 128 else 32) if dot else 32
     NS = num_splits(B, K, S, q_BHD.device, BN)
     o = torch.empty(B, H, D, device=q_BHD.device, dtype=q_BHD.dtype)
     if NS > 1:
@@ -145,7 +154,8 @@ def decode_attention_fwd(q_BHD, k_BSKD, v_BSKD, len_B, scale: float) -> torch.Te
         q_BHD, k_BSKD, v_BSKD, len_B, o, acc, m, l, H, G, scale * LOG2E,
         q_BHD.stride(0), q_BHD.stride(1), k_BSKD.stride(0), k_BSKD.stride(1), k_BSKD.stride(2),
         v_BSKD.stride(0), v_BSKD.stride(1), v_BSKD.stride(2), o.stride(0), o.stride(1),
-        D=D, DK=DK, VEC8=_aligned8(k_BSKD) and _aligned8(v_BSKD), NS=NS, BG=BG, BD=BD, BN=BN, IEEE=k_BSKD.dtype == torch.float32,
+        D=D, DK=DK, VEC8=_aligned8(k_BSKD) and _aligned8(v_BSKD), NS=NS, BG=BG, BD=BD, BN=BN,
+        IEEE=k_BSKD.dtype == torch.float32, DOT=dot,
         num_warps=4 if on_gpu else 1, num_stages=2 if on_gpu else 1,
     )
     if NS > 1:
