@@ -151,6 +151,38 @@ def test_an_interrupted_run_resumes_on_the_same_curve(straight, cache, tmp_path)
     assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-7) for k in b)
 
 
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_a_run_resumes_on_another_world_size_on_the_same_curve(straight, cache, tmp_path, before, after):
+    """Stopped after 10 steps on `before` processes, continued on `after`: the checkpoint is converted once into
+    DeepSpeed's universal format and the curve is the uninterrupted one (the batch of a step depends only on the
+    seed and the step; world sizes differ only in reduction order)."""
+    def launcher(n):
+        return () if n == 1 else [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n),
+                                  "--master_port", str(_free_port())]
+
+    run_dir = tmp_path / "run"
+    _run(run_dir, cache, "zero.stage=1", "--stop-after", "10", launcher=launcher(before))
+    proc = _run(run_dir, cache, "zero.stage=1", launcher=launcher(after))
+    out = " ".join(proc.stdout.split())
+    assert "from step 10" in out and f"written by {before} ranks, continued by {after}" in out, out[-2000:]
+    assert (run_dir / "checkpoints/step00000010/universal").is_dir()
+    losses, evals = _metrics(run_dir)
+    ref, ref_evals = _metrics(straight)
+    assert sorted(losses) == list(range(1, 21))
+    _close(losses, ref, range(1, 21))
+    _close(evals, ref_evals, [10, 20])
+
+
+def test_a_zero3_run_cannot_change_its_world_size_on_resume(cache, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port())]
+    _run(run_dir, cache, "zero.stage=3", "train.steps=10", "--stop-after", "10", launcher=launcher)
+    proc = _run(run_dir, cache, "zero.stage=3", "train.steps=10", rc=2)
+    err = " ".join(proc.stderr.split())
+    assert "written by 2 ranks and this run has 1" in err and "Resume it on 2 ranks" in err and "Traceback" not in err
+    assert not (run_dir / "checkpoints/step00000010/universal").exists()
+
+
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(cache, tmp_path):
     run_dir = tmp_path / "run"
     proc = _run(run_dir, cache, "optim.lr=1e30", "optim.min_lr=0", "optim.warmup_steps=0", "train.save_every=1",

@@ -178,11 +178,57 @@ def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
+UNIVERSAL = "universal"  # a checkpoint re-laid out for another world size (DeepSpeed's universal format)
+
+
+def saved_world_size(folder: Path) -> int:
+    """Ranks that wrote the checkpoint in `folder` (each writes its own rng_rankNNNNN.pt)."""
+    return len(list(Path(folder).glob("rng_rank*.pt")))
+
+
+def prepare_resume(ckpt_dir: Path, world: int, rank: int, check: Optional[Callable[[dict], None]] = None,
+                   check_reshard: Optional[Callable[[dict, int], None]] = None) -> Optional[Path]:
+    """Collective, before the engine is built. When the last checkpoint was written by another number of ranks,
+    rank 0 converts it once into DeepSpeed's universal format (`<step>/universal/`, built in a temporary folder
+    and renamed, so a killed conversion leaves nothing half done); returns that folder, which the engine must
+    then be built to load (ds_config checkpoint.load_universal), or None when the layouts already match.
+    `check(recipe)` and then `check_reshard(recipe, saved_world_size)` run before anything of DeepSpeed's is read
+    (the conversion unpickles its files); either may raise."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = latest_tag(ckpt_dir)
+    if tag is None or saved_world_size(ckpt_dir / tag) in (0, world):
+        return None
+    saved = read_state(ckpt_dir / tag)["recipe"]
+    if check is not None:
+        check(saved)
+    if check_reshard is not None:
+        check_reshard(saved, saved_world_size(ckpt_dir / tag))
+    out = ckpt_dir / tag / UNIVERSAL
+    if rank == 0 and not out.is_dir():
+        import argparse
+        import contextlib
+        import io
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = ckpt_dir / tag / f".tmp-{UNIVERSAL}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # the converter narrates its steps on stdout
+            ds_to_universal(argparse.Namespace(
+                input_folder=str(ckpt_dir / tag), output_folder=str(tmp / UNIVERSAL), num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        os.replace(tmp / UNIVERSAL, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    return out
+
+
 def load_checkpoint(engine, ckpt_dir: Path, rank: int,
-                    check: Optional[Callable[[dict], None]] = None) -> Optional[dict]:
+                    check: Optional[Callable[[dict], None]] = None, universal: bool = False) -> Optional[dict]:
     """Collective. Loads the last complete checkpoint into `engine` (weights, optimizer, LR schedule) and this
     rank's RNG state; returns the state saved with it ({"step", "recipe"}), or None when there is none.
-    `check(state)` runs first and may raise (a different model): then nothing is loaded."""
+    `check(state)` runs first and may raise (a different model): then nothing is loaded. universal: load the
+    copy `prepare_resume` made for this world size (a rank the old run did not have keeps its seeded RNG)."""
     ckpt_dir = Path(ckpt_dir)
     if rank == 0 and ckpt_dir.is_dir():
         for stale in ckpt_dir.glob(".tmp-*"):  # a save that never finished
@@ -196,7 +242,8 @@ def load_checkpoint(engine, ckpt_dir: Path, rank: int,
         check(state["recipe"])
     rng_path = ckpt_dir / tag / f"rng_rank{rank:05d}.pt"
     rng = load_rng_state(rng_path) if rng_path.is_file() else None  # refused before DeepSpeed reads anything
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+    load_dir, load_tag = (ckpt_dir / tag, UNIVERSAL) if universal else (ckpt_dir, tag)
+    path, _ = engine.load_checkpoint(str(load_dir), tag=load_tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")

@@ -31,6 +31,18 @@ def check_resumable(saved: dict, recipe: Recipe, run_dir: Path) -> None:
                           "give this run its own train.run_dir, or delete the old one")
 
 
+def check_reshardable(saved: dict, saved_world: int, recipe: Recipe, world: int, run_dir: Path) -> None:
+    """A checkpoint continues on another world size under ZeRO 0-2 (seqmix.train.ckpt.prepare_resume); ZeRO-3 is
+    refused: through DeepSpeed's universal checkpoint its optimizer state does not come back exactly (a CPU run
+    2 -> 1 drifted 1e-3 from the uninterrupted curve after one step, where ZeRO-1 stays within 2e-7)."""
+    stages = {saved.get("zero", {}).get("stage"), recipe.zero.stage}
+    if 3 in stages:
+        raise RecipeError(
+            f"{run_dir}: its last checkpoint was written by {saved_world} ranks and this run has {world}; a ZeRO-3 "
+            f"run cannot change its world size on resume (DeepSpeed's universal checkpoint does not restore ZeRO-3's "
+            f"optimizer state exactly). Resume it on {saved_world} ranks")
+
+
 def diverged(what: str, ckpt_dir: Path) -> TrainingDiverged:
     last = ckpt.latest_tag(ckpt_dir)
     return TrainingDiverged(

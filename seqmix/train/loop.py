@@ -30,7 +30,7 @@ from seqmix.train import ckpt
 from seqmix.train.data import (PackedTokens, StepSampler, SyntheticTokens, get_batch, prepare_data,
                                training_split)
 from seqmix.train.dist import all_reduce_sum, barrier, init_distributed
-from seqmix.train.guards import check_grad_norm, check_resumable, diverged
+from seqmix.train.guards import check_grad_norm, check_reshardable, check_resumable, diverged
 from seqmix.train.ds_config import build_ds_config
 from seqmix.train.runlock import RunDirLock
 from seqmix.train.schema import OptimSection, Recipe, RecipeError, recipe_to_dict, recipe_to_yaml
@@ -131,7 +131,7 @@ class Built:
     flops_per_token: int  # forward FLOPs per token at data.seq_len
 
 
-def build_engine(recipe: Recipe, vocab_size: int, world: int, device_type: str) -> Built:
+def build_engine(recipe: Recipe, vocab_size: int, world: int, device_type: str, load_universal: bool = False) -> Built:
     """The seeded HybridLM, wrapped for the loss, with AdamW groups and the LR schedule, inside a DeepSpeed
     engine; every rank builds the same initial weights."""
     import deepspeed
@@ -139,6 +139,8 @@ def build_engine(recipe: Recipe, vocab_size: int, world: int, device_type: str) 
     from seqmix.model import build_model
 
     ds_config = build_ds_config(recipe, world)
+    if load_universal:  # resuming a checkpoint another world size wrote (seqmix.train.ckpt.prepare_resume)
+        ds_config["checkpoint"] = {"load_universal": True}
     torch.manual_seed(recipe.train.seed)
     lm = build_model(model_config(recipe, vocab_size))
     num_params, flops = lm.num_params(), lm.flops_per_token(recipe.data.seq_len)  # before ZeRO-3 partitions
@@ -208,7 +210,12 @@ def setup_run(recipe: Recipe, console) -> Run:
     t, d = recipe.train, recipe.data
     run_dir = Path(t.run_dir)
     vocab = tokenizer_vocab_size(d.tokenizer)
-    built = build_engine(recipe, vocab, world, device.type)  # raises on a global batch that won't divide
+    ckpt_dir = run_dir / "checkpoints"
+    check = partial(check_resumable, recipe=recipe, run_dir=run_dir)  # before DeepSpeed reads anything
+    universal = ckpt.prepare_resume(ckpt_dir, world, rank, check=check, check_reshard=partial(
+        check_reshardable, recipe=recipe, world=world, run_dir=run_dir))
+    built = build_engine(recipe, vocab, world, device.type, load_universal=universal is not None)  # raises on a
+    # global batch that won't divide
     lm, ds_config = built.lm, built.ds_config
     accum = ds_config["gradient_accumulation_steps"]
     torch.manual_seed(t.seed + 1 + rank)  # anything stochastic after init differs per rank, reproducibly
@@ -217,13 +224,14 @@ def setup_run(recipe: Recipe, console) -> Run:
                           f"{vocab} tokens; leave model.vocab_size unset to use the tokenizer's")
     train_ds, val_ds = _datasets(recipe, lm.config.vocab_size, local_rank, say)
 
-    ckpt_dir = run_dir / "checkpoints"
-    client = ckpt.load_checkpoint(built.engine, ckpt_dir, rank, check=partial(check_resumable, recipe=recipe,
-                                                                               run_dir=run_dir))  # before loading
+    client = ckpt.load_checkpoint(built.engine, ckpt_dir, rank, check=check, universal=universal is not None)
     start = 0
     if client is not None:
         start = int(client["step"])
         say(f"resuming {run_dir} from step {start} ({ckpt_dir / ckpt.tag_for(start)})")
+        if universal is not None:
+            say(f"  written by {ckpt.saved_world_size(universal.parent)} ranks, continued by {world}: loaded "
+                f"through DeepSpeed's universal checkpoint {universal}")
     if is0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
