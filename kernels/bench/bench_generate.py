@@ -169,6 +169,13 @@ def render(meta: dict, results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def model_config(spec: str, args):
+    """The ModelConfig of a named architecture or spec with the command line's size overrides, its KV cache long
+    enough for prompt + new tokens."""
+    return resolve_model(spec, d_model=args.d_model, n_heads=args.heads, layers=args.layers,
+                         max_seqlen=max(2048, args.prompt_len + args.new_tokens))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", "--spec", dest="models", action="append",
@@ -225,8 +232,7 @@ def main(argv=None) -> str:
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
     for spec in args.models:
-        config = resolve_model(spec, d_model=args.d_model, n_heads=args.heads, layers=args.layers,
-                               max_seqlen=max(2048, args.prompt_len + args.new_tokens))
+        config = model_config(spec, args)
         torch.manual_seed(0)
         model = build_model(config, device=device, dtype=args.dtype).eval()
         entry = dict(name=spec if len(spec) <= 24 else spec[:21] + "...", params=model.num_params(),
@@ -242,8 +248,7 @@ def main(argv=None) -> str:
             torch.cuda.empty_cache()
     variants = [v for v in args.llama.split(",") if v]
     if variants:
-        config = resolve_model(args.peer_of, d_model=args.d_model, n_heads=args.heads, layers=args.layers,
-                               max_seqlen=max(2048, args.prompt_len + args.new_tokens))
+        config = model_config(args.peer_of, args)
         shape = hf_peer.llama_shape_of(build_model(config, device="meta"))
         llm = hf_peer.build_llama(shape, device, args.dtype)
         for v in variants:

@@ -36,7 +36,7 @@ def build_llama(shape: dict, device, dtype):
 def kv_bytes(shape: dict, seqlen: int, dtype) -> int:
     """Bytes of its KV cache per sequence at `seqlen` tokens."""
     per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["head_dim"]
-    return per_token * seqlen * torch.empty(0, dtype=dtype).element_size()
+    return per_token * seqlen * dtype.itemsize
 
 
 def _generate(llm, prompts, **kw):

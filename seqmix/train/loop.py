@@ -214,8 +214,8 @@ def setup_run(recipe: Recipe, console) -> Run:
     check = partial(check_resumable, recipe=recipe, run_dir=run_dir)  # before DeepSpeed reads anything
     universal = ckpt.prepare_resume(ckpt_dir, world, rank, check=check, check_reshard=partial(
         check_reshardable, recipe=recipe, world=world, run_dir=run_dir))
-    built = build_engine(recipe, vocab, world, device.type, load_universal=universal is not None)  # raises on a
-    # global batch that won't divide
+    # raises on a global batch that won't divide
+    built = build_engine(recipe, vocab, world, device.type, load_universal=universal is not None)
     lm, ds_config = built.lm, built.ds_config
     accum = ds_config["gradient_accumulation_steps"]
     torch.manual_seed(t.seed + 1 + rank)  # anything stochastic after init differs per rank, reproducibly

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.mixer import Arg, ArgError, BlockContext, Impl, Mixer, State, resolve_heads, triton_kernel
+from seqmix_kernels.decode_attention import decode_attention_fn
 from seqmix_kernels.rotary import check_rotary_dim, rotary_fn
 
 
@@ -19,9 +20,7 @@ class AttnOps(NamedTuple):
 
 
 def _load_kernels() -> AttnOps:
-    from seqmix_kernels.decode_attention.triton import decode_attention  # imports triton; only when chosen
-
-    return AttnOps(rotary_fn("triton"), decode_attention)
+    return AttnOps(rotary_fn("triton"), decode_attention_fn("triton"))  # import triton: only when chosen
 
 
 def _fits_decode_kernel(m) -> Optional[str]:

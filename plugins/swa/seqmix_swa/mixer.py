@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.mixer import Arg, ArgError, BlockContext, Impl, Mixer, State, resolve_heads, triton_kernel
+from seqmix_kernels.decode_attention import decode_attention_fn
 from seqmix_kernels.rotary import check_rotary_dim, rotary_fn
 
 
@@ -21,10 +22,9 @@ class SwaOps(NamedTuple):
 
 
 def _load_kernels() -> SwaOps:
-    from seqmix_kernels.decode_attention.triton import decode_attention  # both import triton; only when chosen
-    from seqmix_swa.kernel import swa_attn
+    from seqmix_swa.kernel import swa_attn  # these import triton: only when chosen
 
-    return SwaOps(swa_attn, decode_attention, rotary_fn("triton"))
+    return SwaOps(swa_attn, decode_attention_fn("triton"), rotary_fn("triton"))
 
 
 # impl -> SwaOps: the banded Triton kernel (a head in one tile), the split-K decode kernel and the Triton rotary, or
